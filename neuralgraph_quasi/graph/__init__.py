@@ -1,0 +1,33 @@
+"""Networks as graphs: :func:`to_graph`, :func:`to_model` and the :class:`NeuralGraph` schema."""
+
+from ._convert import to_graph, to_graphs, to_model
+from ._converters import SUPPORTED
+from ._schema import (
+    NUM_SLOTS,
+    WEIGHT_EDGE_TYPES,
+    Act,
+    EdgeType,
+    NeuralGraph,
+    NodeOp,
+    NodeType,
+    Role,
+    Slot,
+    collate,
+)
+
+__all__ = [
+    "NeuralGraph",
+    "to_graph",
+    "to_graphs",
+    "to_model",
+    "collate",
+    "SUPPORTED",
+    "NodeType",
+    "NodeOp",
+    "EdgeType",
+    "Role",
+    "Act",
+    "Slot",
+    "NUM_SLOTS",
+    "WEIGHT_EDGE_TYPES",
+]

@@ -1,0 +1,208 @@
+"""Public conversion functions: :func:`to_graph`, :func:`to_model`, :func:`to_graphs`."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._errors import ConversionError
+from ._builder import Builder, Template
+from ._converters import convert
+from ._schema import NeuralGraph
+
+__all__ = ["to_graph", "to_model", "to_graphs", "template"]
+
+
+def template(model: nn.Module) -> tuple[Template, Tensor]:
+    """The graph structure of ``model`` and its flat parameter values."""
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"expected an nn.Module, got {type(model).__name__}")
+    b = Builder()
+    out = convert(b, model, "", None)
+    tpl = b.finish(out, type(model).__qualname__)
+    held = {p["name"] for p in tpl.params}
+    missing = [name for name, _ in model.named_parameters() if name not in held]
+    if missing:
+        raise ConversionError(f"parameters of {type(model).__qualname__} not represented in "
+                              f"the graph: {', '.join(missing)}")
+    return tpl, b.flat_values()
+
+
+def _check_finite(tpl: Template, flat: Tensor, where: str = "") -> None:
+    """Raise naming the first parameter holding NaN or Inf (``flat``: ``[P]`` or ``[M, P]``)."""
+    bad = ~torch.isfinite(flat)
+    if not bool(bad.any()):
+        return
+    rows, cols = bad.reshape(-1, flat.size(-1)).nonzero(as_tuple=True)
+    pid = int(torch.searchsorted(tpl.param_starts, cols[0], right=True)) - 1
+    prefix = f"{where}model {int(rows[0])}: " if flat.dim() == 2 else where
+    raise ConversionError(f"{prefix}parameter {tpl.params[pid]['name']!r} holds NaN or Inf "
+                          "(pass allow_nonfinite=True to convert anyway)")
+
+
+def _graph(tpl: Template, edge_attr: Tensor, x: Tensor) -> NeuralGraph:
+    return NeuralGraph(x=x, edge_attr=edge_attr, spec=tpl.spec, num_nodes=x.size(0),
+                       **tpl.structure)
+
+
+def to_graph(model: nn.Module, allow_nonfinite: bool = False) -> NeuralGraph:
+    """Convert a network to a :class:`NeuralGraph`.
+
+    Args:
+        model: an ``nn.Sequential`` (nested too) of supported layers, an
+            attention module, a transformer layer, or one of the zoo
+            architectures of :mod:`neuralgraph_quasi.models`.
+        allow_nonfinite: convert weights holding NaN or Inf instead of raising.
+
+    Returns:
+        a graph holding every parameter of ``model``, in its dtype.
+
+    Raises:
+        ConversionError: for an unsupported module (naming its path and
+            type), a width mismatch between layers, or non-finite weights.
+    """
+    tpl, flat = template(model)
+    if not allow_nonfinite:
+        _check_finite(tpl, flat)
+    edge_attr, x = tpl.materialize(flat)
+    return _graph(tpl, edge_attr, x)
+
+
+def to_graphs(like: nn.Module, states: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor],
+              allow_nonfinite: bool = False, chunk: int = 4096) -> list[NeuralGraph]:
+    """Convert many networks of ``like``'s architecture at once.
+
+    The structure is built once from ``like``; all values are gathered with
+    one indexing operation per chunk of models, and the graphs share their
+    structure tensors (treat them as read-only).
+
+    Args:
+        like: a module of the zoo's architecture (its values are ignored).
+        states: a list of state_dicts, or one mapping from parameter name
+            to a stacked tensor ``[M, *shape]``.
+        allow_nonfinite: keep models holding NaN or Inf instead of raising.
+        chunk: models gathered per indexing operation (bounds memory).
+    """
+    tpl, _ = template(like)
+    flat = _stack_states(tpl, states)
+    if not allow_nonfinite:
+        _check_finite(tpl, flat)
+    graphs = []
+    for start in range(0, flat.size(0), chunk):
+        edge_attr, x = tpl.materialize(flat[start:start + chunk])
+        graphs.extend(_graph(tpl, e, n) for e, n in zip(edge_attr, x))
+    return graphs
+
+
+def _stack_states(tpl: Template, states) -> Tensor:
+    names = [p["name"] for p in tpl.params]
+    if isinstance(states, Mapping):
+        stacked = states
+    else:
+        stacked = {}
+        for name in names:
+            try:
+                stacked[name] = torch.stack([s[name] for s in states])
+            except KeyError:
+                idx = next(i for i, s in enumerate(states) if name not in s)
+                raise ConversionError(f"state {idx}: missing key {name!r}") from None
+        states = states[0] if len(states) else {}
+    unknown = sorted(set(states) - set(names))
+    if unknown:
+        raise ConversionError(f"unknown key {unknown[0]!r} for {tpl.model_type}")
+    cols = []
+    for p in tpl.params:
+        if p["name"] not in stacked:
+            raise ConversionError(f"missing key {p['name']!r} for {tpl.model_type}")
+        t = stacked[p["name"]]
+        if list(t.shape[1:]) != p["shape"]:
+            raise ConversionError(f"key {p['name']!r}: shape {list(t.shape[1:])} per model, "
+                                  f"expected {p['shape']}")
+        cols.append(t.reshape(t.size(0), -1).to(tpl.dtype))
+    return torch.cat(cols, dim=1)
+
+
+def _flat_from_graph(graph: NeuralGraph, starts: Tensor, total: int) -> Tensor:
+    """Write every value the graph holds back to its place in the flat parameter vector."""
+    flat = graph.edge_attr.new_zeros(total)
+    pid = graph.edge_param
+    has = pid >= 0
+    length = graph.edge_kshape.prod(-1)
+    width = graph.edge_attr.size(1)
+    cols = torch.arange(width)
+    mask = has[:, None] & (cols < length[:, None])
+    pos = starts[pid.clamp(min=0)][:, None] + graph.edge_offset[:, None] + cols
+    flat[pos[mask]] = graph.edge_attr[mask]
+    nmask = graph.node_param >= 0
+    npos = starts[graph.node_param.clamp(min=0)] + graph.node_offset
+    flat[npos[nmask]] = graph.x[nmask]
+    return flat
+
+
+def _fingerprint(structure: Mapping[str, Tensor]) -> tuple:
+    """Order-free summary of a structure (invariant to re-indexing nodes and edges)."""
+    return (
+        tuple(torch.bincount(structure["node_type"], minlength=7).tolist()),
+        tuple(torch.bincount(structure["edge_type"], minlength=11).tolist()),
+        int(structure["node_type"].numel()),
+    )
+
+
+def to_model(graph: NeuralGraph, like: nn.Module) -> nn.Module:
+    """A deep copy of ``like`` whose parameters all come from ``graph``.
+
+    Only ``like``'s structure is used; its values are ignored. The result's
+    values are bit-for-bit those the graph holds, in the graph's dtype (when
+    the graph still has the dtype it was created with, each parameter gets
+    back its own original dtype).
+
+    Raises:
+        ConversionError: if ``like`` does not match the graph, naming the
+            first mismatching parameter and both shapes.
+    """
+    if not isinstance(graph.spec, str):
+        raise ConversionError("to_model takes one graph; split a batch with to_data_list()")
+    tpl, _ = template(like)
+    held = {p["name"]: p for p in graph.params}
+    for p in tpl.params:
+        q = held.get(p["name"])
+        if q is None:
+            raise ConversionError(f"parameter {p['name']!r} (shape {tuple(p['shape'])}) of the "
+                                  f"template module is not in the graph")
+        if q["shape"] != p["shape"]:
+            raise ConversionError(f"parameter {p['name']!r}: the graph holds shape "
+                                  f"{tuple(q['shape'])}, the template module has "
+                                  f"{tuple(p['shape'])}")
+    extra = [name for name in held if name not in {p["name"] for p in tpl.params}]
+    if extra:
+        raise ConversionError(f"parameter {extra[0]!r} of the graph (shape "
+                              f"{tuple(held[extra[0]]['shape'])}) is not in the template module")
+    mine = _fingerprint({k: getattr(graph, k) for k in ("node_type", "edge_type")})
+    if mine != _fingerprint(tpl.structure):
+        raise ConversionError(f"graph structure (nodes/edges per type {mine}) does not match "
+                              f"the template module's {_fingerprint(tpl.structure)}")
+
+    sizes = torch.tensor([torch.Size(p["shape"]).numel() for p in graph.params], dtype=torch.long)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    flat = _flat_from_graph(graph, starts, int(starts[-1]))
+    restore = str(graph.edge_attr.dtype).removeprefix("torch.") == graph._spec()["dtype"]
+    model = copy.deepcopy(like)
+    for p, start, size in zip(graph.params, starts.tolist(), sizes.tolist()):
+        value = flat[start:start + size].reshape(p["shape"])
+        if restore:
+            value = value.to(getattr(torch, p["dtype"]))
+        _assign(model, p["name"], value.clone())
+    return model
+
+
+def _assign(model: nn.Module, name: str, value: Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    old = getattr(module, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        module._buffers[attr] = value
