@@ -165,6 +165,28 @@ def _layer_norm(b: Builder, m: nn.LayerNorm, path: str, s: Stream | None) -> Str
     return Stream(dst, "vector", s.perm, tokens=s.tokens)
 
 
+def _batch_norm(b: Builder, m: nn.modules.batchnorm._BatchNorm, path: str,
+                s: Stream | None) -> Stream:
+    kinds = ("vector", "conv1d") if isinstance(m, nn.BatchNorm1d) else ("conv2d",)
+    if s is None:
+        s = _inputs(b, m.num_features, kinds[-1])
+    if s.kind not in kinds or s.tokens:
+        raise ConversionError(f"module {_where(path)}: {type(m).__name__} cannot follow a "
+                              f"{s.kind} output")
+    _check_width(s, m.num_features, path, "channels")
+    b.layer += 1
+    dst = b.nodes(s.width, NodeType.HIDDEN, NodeOp.BATCH_NORM, s.perm)
+    b.edges(s.nodes, dst, EdgeType.NORM)
+    units = torch.arange(s.width)
+    if m.weight is not None:
+        b.slot(dst, Slot.GAIN, b.param(_child(path, "weight"), m.weight), units)
+    _bias(b, m, path, dst)
+    for slot, name in ((Slot.RUNNING_MEAN, "running_mean"), (Slot.RUNNING_VAR, "running_var")):
+        if getattr(m, name) is not None:
+            b.slot(dst, slot, b.param(_child(path, name), getattr(m, name), "buffer"), units)
+    return s.evolve(nodes=dst, has_act=False)
+
+
 # -- attention ---------------------------------------------------------------
 @dataclass(frozen=True)
 class _Proj:
@@ -378,6 +400,8 @@ _CONVERTERS: dict[type, Converter] = {
     nn.Conv2d: _conv,
     nn.Embedding: _embedding,
     nn.LayerNorm: _layer_norm,
+    nn.BatchNorm1d: _batch_norm,
+    nn.BatchNorm2d: _batch_norm,
     nn.MultiheadAttention: _mha,
     nn.TransformerEncoderLayer: _encoder_layer,
     nn.TransformerEncoder: _encoder,

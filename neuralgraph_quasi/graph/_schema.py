@@ -7,6 +7,7 @@ single source of truth for the integer-valued attributes.
 from __future__ import annotations
 
 import json
+import re
 from enum import IntEnum
 from typing import Any
 
@@ -130,6 +131,12 @@ class NeuralGraph(Data):
     ``node_perm``, ``node_head`` ...) deliberately avoid ``index`` and
     ``batch`` in their names, so batching leaves them unshifted.
     """
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        if isinstance(self.get("spec"), str):
+            text = re.sub(r"spec='[^']*'", f"spec=<{len(self.params)} params>", text)
+        return text
 
     def _spec(self) -> dict[str, Any]:
         spec = self.spec

@@ -39,6 +39,7 @@ def act(element: GroupElement, graph):
         weight = torch.isin(graph.edge_type, _weight_types(graph.edge_type.device))
         edge_attr = edge_attr * torch.where(weight, d[dst] / d[src], 1)[:, None]
         x[:, Slot.BIAS] = x[:, Slot.BIAS] * d
+        x[:, Slot.GAIN] = x[:, Slot.GAIN] * d  # BatchNorm gamma; other gains have d == 1
     out = graph.clone()
     out.edge_attr, out.x = edge_attr, x
     return out

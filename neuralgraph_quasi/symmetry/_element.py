@@ -9,8 +9,8 @@ that order (``G`` first):
   permutations. The permuted graph holds at node ``n`` the old value of node
   ``σ(n)``, and at edge ``(i, j)`` the old value of edge ``(σ(i), σ(j))``;
 * ``D``: a multiplier ``d`` per node (``scale``): positive scalings and sign
-  flips. A weight edge ``(i, j)`` is multiplied by ``d_j / d_i`` and the bias of
-  node ``j`` by ``d_j``.
+  flips. A weight edge ``(i, j)`` is multiplied by ``d_j / d_i``, and the bias
+  (for an affine normalisation: the gain and shift) of node ``j`` by ``d_j``.
 
 With these conventions the group law has a closed form (derived in
 ``docs/symmetry.md``): for ``a ∘ b`` (``b`` acts first),

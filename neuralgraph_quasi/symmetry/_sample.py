@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..graph._schema import Act, EdgeType, NodeOp, NodeType
+from ..graph._schema import Act, EdgeType, NodeOp, NodeType, Slot
 from ._element import GroupElement
 from ._index import encode, find, graph_of_nodes, head_of_nodes
 
@@ -25,7 +25,11 @@ _ODD = (Act.TANH, Act.SINE, Act.IDENTITY)
 # Consumers through which a per-unit multiplier can be undone by the next weights.
 _LINEAR_CONSUMERS = (EdgeType.LINEAR, EdgeType.CONV, EdgeType.ATTN_Q, EdgeType.ATTN_K,
                      EdgeType.ATTN_V)
+# Ops whose output unit absorbs a multiplier in its incoming weights and bias.
 _WEIGHTED_OPS = (NodeOp.LINEAR, NodeOp.CONV, NodeOp.EMBEDDING, NodeOp.ATTENTION_OUT)
+# Normalisations absorb it in their gain and shift when affine: scaling a norm's *output*
+# is exact, scaling its input is not (eps).
+_NORM_OPS = (NodeOp.BATCH_NORM, NodeOp.LAYER_NORM)
 
 
 def _codes(values, device) -> Tensor:
@@ -38,18 +42,22 @@ def _multipliable(graph) -> Tensor:
     src, dst = graph.edge_index
     bad = torch.zeros(graph.num_nodes, dtype=torch.bool, device=dev)
     bad[src[~torch.isin(graph.edge_type, _codes(_LINEAR_CONSUMERS, dev))]] = True
-    bad[dst[torch.isin(graph.edge_type, _codes((EdgeType.NORM, EdgeType.RESIDUAL), dev))]] = True
-    return ((graph.node_type == NodeType.HIDDEN)
-            & torch.isin(graph.node_op, _codes(_WEIGHTED_OPS, dev)) & ~bad)
+    bad[dst[graph.edge_type == EdgeType.RESIDUAL]] = True
+    weighted = torch.isin(graph.node_op, _codes(_WEIGHTED_OPS, dev))
+    affine_norm = (torch.isin(graph.node_op, _codes(_NORM_OPS, dev))
+                   & (graph.node_param[:, Slot.GAIN] >= 0))
+    return (graph.node_type == NodeType.HIDDEN) & (weighted | affine_norm) & ~bad
 
 
 def scalable_nodes(graph) -> Tensor:
     """``[N]`` mask of units a positive scaling may act on.
 
     Hidden units followed by a positively homogeneous activation (ReLU,
-    LeakyReLU, none) whose outputs feed only weighted linear maps. Units
-    feeding a LayerNorm are excluded: rescaling before it is exact only up
-    to its ``eps``.
+    LeakyReLU, none) whose outputs feed only weighted linear maps, and that
+    absorb the scale in their incoming weights and bias or, for an affine
+    BatchNorm/LayerNorm output, in its gain and shift. Units feeding a
+    normalisation are excluded: rescaling before it is exact only up to its
+    ``eps``. Units on a residual stream are excluded.
     """
     return _multipliable(graph) & torch.isin(graph.node_act, _codes(_POSITIVELY_HOMOGENEOUS,
                                                                      graph.x.device))
