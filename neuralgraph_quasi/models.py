@@ -15,7 +15,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Sine", "MeanPool", "SelfAttention", "TransformerBlock", "TransformerClassifier", "siren"]
+__all__ = ["Sine", "MeanPool", "SelfAttention", "TransformerBlock", "TransformerClassifier",
+           "siren"]
 
 
 class Sine(nn.Module):

@@ -47,7 +47,7 @@ def _flatten(out) -> list[Tensor]:
 
 def _relative_error(a, b) -> float:
     a, b = _flatten(a), _flatten(b)
-    num = sum(float((x - y).double().norm() ** 2) for x, y in zip(a, b)) ** 0.5
+    num = sum(float((x - y).double().norm() ** 2) for x, y in zip(a, b, strict=True)) ** 0.5
     den = sum(float(x.double().norm() ** 2) for x in a) ** 0.5
     return num / max(den, 1e-300)
 

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         graph = to_graph(model)
         back = to_model(graph, model)
         exact = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
-                                                      back.state_dict().values()))
+                                                      back.state_dict().values(), strict=True))
         element = symmetry.sample(graph, generator)
         moved = symmetry.act(element, graph)
         twin = to_model(moved, model)

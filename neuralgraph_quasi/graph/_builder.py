@@ -124,6 +124,7 @@ class Builder:
         self._slots: list[tuple[Tensor, int, int, Tensor]] = []
         self._acts: list[tuple[Tensor, int]] = []
         self._parent: list[int] = [FIXED]
+        self.owners: dict[int, str] = {}  # id(module with parameters) -> its first path
 
     # -- parameters and permutation classes ---------------------------------
     def param(self, name: str, tensor: Tensor, kind: str = "parameter") -> int:

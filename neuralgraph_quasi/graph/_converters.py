@@ -213,7 +213,7 @@ def _attention(b: Builder, path: str, sources: tuple[Stream, Stream, Stream], he
     coords = []
     for role, ntype, etype, src, proj in zip(
         (Role.Q, Role.K, Role.V), (NodeType.QUERY, NodeType.KEY, NodeType.VALUE),
-        (EdgeType.ATTN_Q, EdgeType.ATTN_K, EdgeType.ATTN_V), sources, projs,
+        (EdgeType.ATTN_Q, EdgeType.ATTN_K, EdgeType.ATTN_V), sources, projs, strict=True,
     ):
         ids = b.nodes(inner, ntype, NodeOp.ATTENTION, -1, head=head, pos=pos)
         rr, jj = _grid(inner, src.width)
@@ -262,7 +262,7 @@ def _mha_projections(b: Builder, m: nn.MultiheadAttention, path: str) -> tuple[_
     return tuple(
         _Proj(b.param(_child(path, f"{n}_proj_weight"), getattr(m, f"{n}_proj_weight")), 0, w,
               bias, i * d)
-        for i, (n, w) in enumerate(zip("qkv", widths))
+        for i, (n, w) in enumerate(zip("qkv", widths, strict=True))
     )
 
 
@@ -271,8 +271,10 @@ def _mha_on(b: Builder, m: nn.MultiheadAttention, path: str,
     if m.bias_k is not None or m.add_zero_attn:
         flag = "add_bias_kv" if m.bias_k is not None else "add_zero_attn"
         raise ConversionError(f"module {_where(path)}: MultiheadAttention with {flag}=True "
-                              "is not supported (extra key/value tokens have no place in the graph)")
-    for src, width, what in zip(sources, (m.embed_dim, m.kdim, m.vdim), ("query", "key", "value")):
+                              "is not supported (extra key/value tokens have no place in the "
+                              "graph)")
+    widths = (m.embed_dim, m.kdim, m.vdim)
+    for src, width, what in zip(sources, widths, ("query", "key", "value"), strict=True):
         _check_width(src, width, path, f"{what} features")
     o = m.out_proj
     out = _Proj(b.param(_child(path, "out_proj.weight"), o.weight), 0, o.in_features,
@@ -379,7 +381,8 @@ def _chain(b: Builder, children: list[tuple[str, nn.Module]], path: str,
 
 
 def _sequential(b: Builder, m: nn.Sequential, path: str, s: Stream | None) -> Stream | None:
-    return _chain(b, list(m.named_children()), path, s)
+    # _modules, not named_children(): a module reused at two positions runs at both
+    return _chain(b, list(m._modules.items()), path, s)
 
 
 def _chained(b: Builder, m: nn.Module, path: str, s: Stream | None) -> Stream | None:
@@ -423,6 +426,11 @@ SUPPORTED = tuple(sorted(t.__name__ for t in _CONVERTERS))
 def convert(b: Builder, module: nn.Module, path: str, s: Stream | None) -> Stream | None:
     """Dispatch on the exact module type (a subclass may change ``forward``)."""
     fn = _CONVERTERS.get(type(module))
+    if next(module.parameters(recurse=False), None) is not None:
+        first = b.owners.setdefault(id(module), path)
+        if first != path:
+            raise ConversionError(f"module {_where(path)} is the same object as {_where(first)}: "
+                                  "shared (tied) weights are not supported")
     if fn is None:
         raise ConversionError(
             f"unsupported module {_where(path)} of type {type(module).__qualname__}; "

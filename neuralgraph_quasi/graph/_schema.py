@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from torch_geometric.data import Data
+from torch_geometric.data.data import DataEdgeAttr, DataTensorAttr
+from torch_geometric.data.storage import GlobalStorage
 
 __all__ = [
     "NeuralGraph",
@@ -187,4 +189,5 @@ def collate(graphs: list[NeuralGraph]):
     return Batch.from_data_list(padded)
 
 
-torch.serialization.add_safe_globals([NeuralGraph])
+# torch.load(weights_only=True) of a NeuralGraph needs the class and PyG's storages.
+torch.serialization.add_safe_globals([NeuralGraph, GlobalStorage, DataEdgeAttr, DataTensorAttr])

@@ -32,7 +32,7 @@ def find(columns: list[Tensor], targets: list[Tensor]) -> Tensor:
 
     Both are lists of equal-length integer columns; they are encoded in one radix.
     """
-    both = encode(*(torch.cat([c, t]) for c, t in zip(columns, targets)))
+    both = encode(*(torch.cat([c, t]) for c, t in zip(columns, targets, strict=True)))
     n = columns[0].numel()
     return lookup(both[:n], both[n:])
 
