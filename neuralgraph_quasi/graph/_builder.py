@@ -71,6 +71,7 @@ class Template:
     param_starts: Tensor
     dtype: torch.dtype
     model_type: str
+    int_params: list[dict] = field(default_factory=list)
     num_values: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,8 +80,8 @@ class Template:
     @property
     def spec(self) -> str:
         return json.dumps(
-            {"params": self.params, "dtype": str(self.dtype).removeprefix("torch."),
-             "model": self.model_type},
+            {"params": self.params, "int_buffers": self.int_params,
+             "dtype": str(self.dtype).removeprefix("torch."), "model": self.model_type},
             separators=(",", ":"),
         )
 
@@ -125,6 +126,7 @@ class Builder:
         self._acts: list[tuple[Tensor, int]] = []
         self._parent: list[int] = [FIXED]
         self.owners: dict[int, str] = {}  # id(module with parameters) -> its first path
+        self.int_buffers: list[tuple[str, Tensor]] = []
 
     # -- parameters and permutation classes ---------------------------------
     def param(self, name: str, tensor: Tensor, kind: str = "parameter") -> int:
@@ -136,6 +138,11 @@ class Builder:
         self._param_ids[name] = len(self.params)
         self.params.append((name, tensor.detach(), kind))
         return self._param_ids[name]
+
+    def int_buffer(self, name: str, tensor: Tensor) -> None:
+        """Register an integer buffer (e.g. BatchNorm's ``num_batches_tracked``): kept
+        verbatim in ``graph.int_buffers`` so that ``to_model`` restores it."""
+        self.int_buffers.append((name, tensor.detach()))
 
     def new_class(self) -> int:
         """A fresh permutation class: units whose order a symmetry may change together."""
@@ -261,19 +268,24 @@ class Builder:
         }
         structure["node_offset"] = torch.where(
             node_gather >= 0, node_gather - starts[structure["node_param"].clamp(min=0)], -1)
-        params = [
-            {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-             "kind": kind}
-            for name, t, kind in self.params
-        ]
+        params = [_describe(name, t, kind) for name, t, kind in self.params]
+        ints = [_describe(name, t, "buffer") for name, t in self.int_buffers]
         return Template(structure, edge_gather, const, node_gather, params, starts, dtype,
-                        model_type)
+                        model_type, ints)
 
-    def flat_values(self) -> Tensor:
+    def flat_values(self) -> tuple[Tensor, Tensor]:
+        """Flat float parameter values ``[P]`` and flat integer buffers ``[k]``."""
+        ints = torch.cat([t.reshape(-1).long() for _, t in self.int_buffers]) \
+            if self.int_buffers else torch.zeros(0, dtype=torch.long)
         if not self.params:
-            return torch.zeros(0)
+            return torch.zeros(0), ints
         dtype = _common_dtype([t for _, t, _ in self.params])
-        return torch.cat([t.reshape(-1).to(dtype) for _, t, _ in self.params])
+        return torch.cat([t.reshape(-1).to(dtype) for _, t, _ in self.params]), ints
+
+
+def _describe(name: str, t: Tensor, kind: str) -> dict:
+    return {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+            "kind": kind}
 
 
 def _slot_params(node_gather: Tensor, starts: Tensor) -> Tensor:

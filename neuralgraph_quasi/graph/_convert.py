@@ -17,8 +17,8 @@ from ._schema import NeuralGraph
 __all__ = ["to_graph", "to_model", "to_graphs", "template"]
 
 
-def template(model: nn.Module) -> tuple[Template, Tensor]:
-    """The graph structure of ``model`` and its flat parameter values."""
+def template(model: nn.Module) -> tuple[Template, Tensor, Tensor]:
+    """The graph structure of ``model``, its flat float values and its integer buffers."""
     if not isinstance(model, nn.Module):
         raise ConversionError(f"expected an nn.Module, got {type(model).__name__}")
     b = Builder()
@@ -29,7 +29,7 @@ def template(model: nn.Module) -> tuple[Template, Tensor]:
     if missing:
         raise ConversionError(f"parameters of {type(model).__qualname__} not represented in "
                               f"the graph: {', '.join(missing)}")
-    return tpl, b.flat_values()
+    return (tpl, *b.flat_values())
 
 
 def _check_finite(tpl: Template, flat: Tensor, where: str = "") -> None:
@@ -44,7 +44,7 @@ def _check_finite(tpl: Template, flat: Tensor, where: str = "") -> None:
                           "(pass allow_nonfinite=True to convert anyway)")
 
 
-def _graph(tpl: Template, edge_attr: Tensor, x: Tensor,
+def _graph(tpl: Template, edge_attr: Tensor, x: Tensor, ints: Tensor,
            proto: NeuralGraph | None = None) -> NeuralGraph:
     """A graph of ``tpl``'s structure holding the values ``edge_attr`` and ``x``.
 
@@ -53,11 +53,12 @@ def _graph(tpl: Template, edge_attr: Tensor, x: Tensor,
     attribute costs ~10x more and dominated bulk conversion.
     """
     if proto is None:
-        return NeuralGraph(x=x, edge_attr=edge_attr, spec=tpl.spec, num_nodes=x.size(0),
-                           **tpl.structure)
+        return NeuralGraph(x=x, edge_attr=edge_attr, int_buffers=ints, spec=tpl.spec,
+                           num_nodes=x.size(0), **tpl.structure)
     graph = copy.copy(proto)
     graph["x"] = x
     graph["edge_attr"] = edge_attr
+    graph["int_buffers"] = ints
     return graph
 
 
@@ -77,11 +78,11 @@ def to_graph(model: nn.Module, allow_nonfinite: bool = False) -> NeuralGraph:
         ConversionError: for an unsupported module (naming its path and
             type), a width mismatch between layers, or non-finite weights.
     """
-    tpl, flat = template(model)
+    tpl, flat, ints = template(model)
     if not allow_nonfinite:
         _check_finite(tpl, flat)
     edge_attr, x = tpl.materialize(flat)
-    return _graph(tpl, edge_attr, x)
+    return _graph(tpl, edge_attr, x, ints)
 
 
 def to_graphs(like: nn.Module, states: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor],
@@ -105,9 +106,9 @@ def to_graphs(like: nn.Module, states: Sequence[Mapping[str, Tensor]] | Mapping[
         ConversionError: naming the state and key for a missing or unknown
             key or a wrong shape, or the model and parameter holding NaN/Inf.
     """
-    tpl, _ = template(like)
+    tpl, _, _ = template(like)
     ignorable = {name for name, _ in like.named_buffers()}
-    flat = _stack_states(tpl, states, ignorable)
+    flat, ints = _stack_states(tpl, states, ignorable)
     if not allow_nonfinite and flat.numel():
         # min and max are finite iff every value is (NaN propagates): a cheap test
         # before the exact one, which names the first bad model and parameter
@@ -118,17 +119,18 @@ def to_graphs(like: nn.Module, states: Sequence[Mapping[str, Tensor]] | Mapping[
     proto = None
     for start in range(0, flat.size(0), chunk):
         edge_attr, x = tpl.materialize(flat[start:start + chunk])
+        chunk_ints = ints[start:start + chunk]
         if proto is None:
-            proto = _graph(tpl, edge_attr[0], x[0])
+            proto = _graph(tpl, edge_attr[0], x[0], chunk_ints[0])
         # clone: a view would keep (and torch.save would write) the whole chunk
-        graphs.extend(_graph(tpl, e.clone(), n.clone(), proto)
-                      for e, n in zip(edge_attr, x, strict=True))
+        graphs.extend(_graph(tpl, e.clone(), n.clone(), i.clone(), proto)
+                      for e, n, i in zip(edge_attr, x, chunk_ints, strict=True))
     return graphs
 
 
 def _check_keys(tpl: Template, keys, ignorable: set[str], where: str) -> None:
-    names = {p["name"] for p in tpl.params}
-    for p in tpl.params:
+    names = {p["name"] for p in tpl.params + tpl.int_params}
+    for p in tpl.params + tpl.int_params:
         if p["name"] not in keys:
             raise ConversionError(f"{where}missing key {p['name']!r} for {tpl.model_type}")
     unknown = sorted(set(keys) - names - ignorable)
@@ -136,32 +138,39 @@ def _check_keys(tpl: Template, keys, ignorable: set[str], where: str) -> None:
         raise ConversionError(f"{where}unknown key {unknown[0]!r} for {tpl.model_type}")
 
 
-def _stack_states(tpl: Template, states, ignorable: set[str]) -> Tensor:
-    """``[M, P]`` flat parameter values, in the template's parameter order."""
+def _stack_states(tpl: Template, states, ignorable: set[str]) -> tuple[Tensor, Tensor]:
+    """``[M, P]`` flat float values and ``[M, k]`` integer buffers, in template order."""
+    described = tpl.params + tpl.int_params
     if isinstance(states, Mapping):
         _check_keys(tpl, states, ignorable, "")
         stacked = states
-        counts = {int(states[p["name"]].size(0)) for p in tpl.params}
+        counts = {int(states[p["name"]].size(0)) for p in described}
         if len(counts) > 1:
             raise ConversionError(f"stacked states disagree on the number of models: {counts}")
+        count = counts.pop() if counts else 0
     else:
+        count = len(states)
         for i, state in enumerate(states):
             _check_keys(tpl, state, ignorable, f"state {i}: ")
-            for p in tpl.params:
+            for p in described:
                 shape = list(state[p["name"]].shape)
                 if shape != p["shape"]:
                     raise ConversionError(f"state {i}: key {p['name']!r} has shape {shape}, "
                                           f"expected {p['shape']}")
         stacked = {p["name"]: torch.stack([s[p["name"]] for s in states]) if len(states)
-                   else torch.zeros(0, *p["shape"]) for p in tpl.params}
-    cols = []
-    for p in tpl.params:
-        t = stacked[p["name"]]
-        if list(t.shape[1:]) != p["shape"]:
-            raise ConversionError(f"key {p['name']!r}: shape {list(t.shape[1:])} per model, "
-                                  f"expected {p['shape']}")
-        cols.append(t.reshape(t.size(0), math.prod(p["shape"])).to(tpl.dtype))
-    return torch.cat(cols, dim=1)
+                   else torch.zeros(0, *p["shape"]) for p in described}
+
+    def columns(params: list[dict], dtype: torch.dtype) -> Tensor:
+        cols = []
+        for p in params:
+            t = stacked[p["name"]]
+            if list(t.shape[1:]) != p["shape"]:
+                raise ConversionError(f"key {p['name']!r}: shape {list(t.shape[1:])} per model, "
+                                      f"expected {p['shape']}")
+            cols.append(t.reshape(count, math.prod(p["shape"])).to(dtype))
+        return torch.cat(cols, dim=1) if cols else torch.zeros(count, 0, dtype=dtype)
+
+    return columns(tpl.params, tpl.dtype), columns(tpl.int_params, torch.long)
 
 
 def _flat_from_graph(graph: NeuralGraph, starts: Tensor, total: int) -> Tensor:
@@ -204,7 +213,7 @@ def to_model(graph: NeuralGraph, like: nn.Module) -> nn.Module:
     """
     if not isinstance(graph.spec, str):
         raise ConversionError("to_model takes one graph; split a batch with to_data_list()")
-    tpl, _ = template(like)
+    tpl, _, _ = template(like)
     held = {p["name"]: p for p in graph.params}
     for p in tpl.params:
         q = held.get(p["name"])
@@ -234,6 +243,18 @@ def to_model(graph: NeuralGraph, like: nn.Module) -> nn.Module:
         if restore:
             value = value.to(getattr(torch, p["dtype"]))
         _assign(model, p["name"], value.clone())
+    ints = getattr(graph, "int_buffers", None)
+    int_params = graph._spec().get("int_buffers", [])
+    if [p["name"] for p in int_params] != [p["name"] for p in tpl.int_params]:
+        raise ConversionError(f"integer buffers of the graph {[p['name'] for p in int_params]} "
+                              f"do not match the template module's "
+                              f"{[p['name'] for p in tpl.int_params]}")
+    start = 0
+    for p in int_params:
+        size = math.prod(p["shape"])
+        _assign(model, p["name"], ints[start:start + size].reshape(p["shape"])
+                .to(getattr(torch, p["dtype"])).clone())
+        start += size
     return model
 
 

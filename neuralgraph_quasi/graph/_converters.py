@@ -184,6 +184,8 @@ def _batch_norm(b: Builder, m: nn.modules.batchnorm._BatchNorm, path: str,
     for slot, name in ((Slot.RUNNING_MEAN, "running_mean"), (Slot.RUNNING_VAR, "running_var")):
         if getattr(m, name) is not None:
             b.slot(dst, slot, b.param(_child(path, name), getattr(m, name), "buffer"), units)
+    if m.num_batches_tracked is not None:
+        b.int_buffer(_child(path, "num_batches_tracked"), m.num_batches_tracked)
     return s.evolve(nodes=dst, has_act=False)
 
 
