@@ -1,6 +1,14 @@
 """Networks as graphs: :func:`to_graph`, :func:`to_model` and the :class:`NeuralGraph` schema."""
 
-from ._convert import to_graph, to_graphs, to_model
+from ._convert import (
+    flat_from_graph,
+    graph_from_values,
+    stack_values,
+    template,
+    to_graph,
+    to_graphs,
+    to_model,
+)
 from ._converters import SUPPORTED
 from ._schema import (
     NUM_SLOTS,
@@ -21,6 +29,10 @@ __all__ = [
     "to_graphs",
     "to_model",
     "collate",
+    "stack_values",
+    "graph_from_values",
+    "flat_from_graph",
+    "template",
     "SUPPORTED",
     "NodeType",
     "NodeOp",

@@ -14,7 +14,8 @@ from ._builder import Builder, Template
 from ._converters import convert
 from ._schema import NeuralGraph
 
-__all__ = ["to_graph", "to_model", "to_graphs", "template"]
+__all__ = ["to_graph", "to_model", "to_graphs", "template", "stack_values",
+           "graph_from_values", "flat_from_graph"]
 
 
 def template(model: nn.Module) -> tuple[Template, Tensor, Tensor]:
@@ -44,14 +45,20 @@ def _check_finite(tpl: Template, flat: Tensor, where: str = "") -> None:
                           "(pass allow_nonfinite=True to convert anyway)")
 
 
+def graph_from_values(tpl: Template, values: Tensor, ints: Tensor,
+                      proto: NeuralGraph | None = None) -> NeuralGraph:
+    """A graph of ``tpl``'s structure holding flat parameter ``values`` ``[P]``.
+
+    With ``proto`` (a graph of the same template), the result is a shallow copy
+    of it that shares its structure tensors and spec: building a ``Data``
+    attribute by attribute costs ~10x more and dominated bulk conversion.
+    """
+    edge_attr, x = tpl.materialize(values)
+    return _graph(tpl, edge_attr, x, ints, proto)
+
+
 def _graph(tpl: Template, edge_attr: Tensor, x: Tensor, ints: Tensor,
            proto: NeuralGraph | None = None) -> NeuralGraph:
-    """A graph of ``tpl``'s structure holding the values ``edge_attr`` and ``x``.
-
-    With ``proto`` (a graph of the same template), a shallow copy of it that
-    shares its structure tensors and spec: building a ``Data`` attribute by
-    attribute costs ~10x more and dominated bulk conversion.
-    """
     if proto is None:
         return NeuralGraph(x=x, edge_attr=edge_attr, int_buffers=ints, spec=tpl.spec,
                            num_nodes=x.size(0), **tpl.structure)
@@ -106,9 +113,7 @@ def to_graphs(like: nn.Module, states: Sequence[Mapping[str, Tensor]] | Mapping[
         ConversionError: naming the state and key for a missing or unknown
             key or a wrong shape, or the model and parameter holding NaN/Inf.
     """
-    tpl, _, _ = template(like)
-    ignorable = {name for name, _ in like.named_buffers()}
-    flat, ints = _stack_states(tpl, states, ignorable)
+    tpl, flat, ints = stack_values(like, states)
     if not allow_nonfinite and flat.numel():
         # min and max are finite iff every value is (NaN propagates): a cheap test
         # before the exact one, which names the first bad model and parameter
@@ -126,6 +131,14 @@ def to_graphs(like: nn.Module, states: Sequence[Mapping[str, Tensor]] | Mapping[
         graphs.extend(_graph(tpl, e.clone(), n.clone(), i.clone(), proto)
                       for e, n, i in zip(edge_attr, x, chunk_ints, strict=True))
     return graphs
+
+
+def stack_values(like: nn.Module, states) -> tuple[Template, Tensor, Tensor]:
+    """``like``'s template and the flat values ``[M, P]`` and integer buffers ``[M, k]``
+    of many same-architecture states (see :func:`to_graphs` for ``states``)."""
+    tpl, _, _ = template(like)
+    ignorable = {name for name, _ in like.named_buffers()}
+    return (tpl, *_stack_states(tpl, states, ignorable))
 
 
 def _check_keys(tpl: Template, keys, ignorable: set[str], where: str) -> None:
@@ -173,9 +186,20 @@ def _stack_states(tpl: Template, states, ignorable: set[str]) -> tuple[Tensor, T
     return columns(tpl.params, tpl.dtype), columns(tpl.int_params, torch.long)
 
 
-def _flat_from_graph(graph: NeuralGraph, starts: Tensor, total: int) -> Tensor:
-    """Write every value the graph holds back to its place in the flat parameter vector."""
-    flat = graph.edge_attr.new_zeros(total)
+def _starts(params: list[dict]) -> Tensor:
+    sizes = torch.tensor([math.prod(p["shape"]) for p in params], dtype=torch.long)
+    return torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+
+
+def flat_from_graph(graph: NeuralGraph) -> Tensor:
+    """The flat parameter vector ``[P]`` (in ``graph.params`` order) a graph holds.
+
+    The inverse of :func:`graph_from_values`: every value is written back to the
+    place its ``*_param``/``*_offset`` address names, so node and edge order do
+    not matter.
+    """
+    starts = _starts(graph.params)
+    flat = graph.edge_attr.new_zeros(int(starts[-1]))
     pid = graph.edge_param
     has = pid >= 0
     length = graph.edge_kshape.prod(-1)
@@ -233,13 +257,12 @@ def to_model(graph: NeuralGraph, like: nn.Module) -> nn.Module:
         raise ConversionError(f"graph structure (nodes/edges per type {mine}) does not match "
                               f"the template module's {_fingerprint(tpl.structure)}")
 
-    sizes = torch.tensor([torch.Size(p["shape"]).numel() for p in graph.params], dtype=torch.long)
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
-    flat = _flat_from_graph(graph, starts, int(starts[-1]))
+    starts = _starts(graph.params).tolist()
+    flat = flat_from_graph(graph)
     restore = str(graph.edge_attr.dtype).removeprefix("torch.") == graph._spec()["dtype"]
     model = copy.deepcopy(like)
-    for p, start, size in zip(graph.params, starts[:-1].tolist(), sizes.tolist(), strict=True):
-        value = flat[start:start + size].reshape(p["shape"])
+    for p, start, end in zip(graph.params, starts[:-1], starts[1:], strict=True):
+        value = flat[start:end].reshape(p["shape"])
         if restore:
             value = value.to(getattr(torch, p["dtype"]))
         _assign(model, p["name"], value.clone())
