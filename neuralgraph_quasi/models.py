@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Sine", "MeanPool", "SelfAttention", "TransformerBlock", "TransformerClassifier",
-           "siren"]
+           "PatchEmbedding", "siren"]
 
 
 class Sine(nn.Module):
@@ -110,6 +110,28 @@ class TransformerBlock(nn.Module):
         for _, module in self.chain():
             x = module(x)
         return x
+
+
+class PatchEmbedding(nn.Module):
+    """The MNIST-Transformers embedding: non-overlapping conv patches plus a positional table.
+
+    ``conv1`` (``patch × patch``, stride ``patch``) turns a 28×28 image into 7×7 = 49
+    tokens of width ``dim``; ``pos_embedding`` ``[num_patches, dim]`` is added to
+    them. The published checkpoints hold both (keys ``embedding.conv1.*`` and
+    ``embedding.pos_embedding``); the table is fixed, so it is a buffer here.
+
+    Shapes:
+        input ``[B, C, H, W]``, output ``[B, (H/patch)·(W/patch), dim]``.
+    """
+
+    def __init__(self, in_channels: int = 1, dim: int = 32, patch: int = 4,
+                 num_patches: int = 49) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.register_buffer("pos_embedding", torch.zeros(num_patches, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv1(x).flatten(2).transpose(1, 2) + self.pos_embedding
 
 
 class TransformerClassifier(nn.Module):

@@ -145,6 +145,23 @@ def _embedding(b: Builder, m: nn.Embedding, path: str, s: Stream | None) -> Stre
     return Stream(dst, "vector", perm, tokens=True)
 
 
+def _patch_embedding(b: Builder, m: models.PatchEmbedding, path: str,
+                     s: Stream | None) -> Stream:
+    """Conv patches become tokens; the positional table is an embedding of the token's
+    position, added to each feature: edges from one input node per position."""
+    if s is not None:
+        raise ConversionError(f"module {_where(path)}: a PatchEmbedding must be the first layer")
+    out = _conv(b, m.conv1, _child(path, "conv1"), None)
+    num, dim = m.pos_embedding.shape
+    _check_width(out, dim, path, "positional features")
+    positions = b.nodes(num, NodeType.INPUT, NodeOp.INPUT, FIXED)
+    pid = b.param(_child(path, "pos_embedding"), m.pos_embedding,
+                  "parameter" if isinstance(m.pos_embedding, nn.Parameter) else "buffer")
+    t, f = _grid(num, dim)
+    b.edges(positions[t], out.nodes[f], EdgeType.EMBEDDING, pid=pid, offset=t * dim + f)
+    return out.evolve(kind="vector", tokens=True)
+
+
 def _layer_norm(b: Builder, m: nn.LayerNorm, path: str, s: Stream | None) -> Stream:
     if len(m.normalized_shape) != 1:
         raise ConversionError(f"module {_where(path)}: LayerNorm over several axes "
@@ -417,6 +434,7 @@ _CONVERTERS: dict[type, Converter] = {
     models.TransformerBlock: _chained,
     models.TransformerClassifier: _chained,
     models.MeanPool: _mean_pool,
+    models.PatchEmbedding: _patch_embedding,
     **{t: _activation for t in _ACTIVATIONS},
     **{t: _no_op for t in _NO_OPS},
 }

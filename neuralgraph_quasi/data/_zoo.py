@@ -1,0 +1,286 @@
+"""Base class of the model-zoo datasets: graphs sharing their topology, cached once.
+
+A zoo holds thousands of networks of one (or a few) architectures. PyG's
+``InMemoryDataset`` would store each graph's structure (edge index, types,
+addresses: a dozen integer tensors per edge) once per member; for the AGNews
+transformer zoo that is ~16,000 × 18,000 edges × 12 integers. Here every
+architecture's structure is stored once (a :class:`~neuralgraph_quasi.graph._builder.Template`
+rebuilt from its module), and each member keeps only its flat parameter vector.
+``dataset[i]`` gathers that vector into a :class:`~neuralgraph_quasi.NeuralGraph`
+that shares the structure tensors (treat them as read-only).
+
+Processing (reading checkpoints, bulk conversion) runs once per combination of
+the settings that affect it (:meth:`GraphZoo.processing_settings`, the
+``pre_transform`` and ``pre_filter``); each combination gets its own processed
+directory, so changing any of them re-processes. Selection that is cheap
+(accuracy threshold, split) happens at load time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import os.path as osp
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.data import Dataset
+
+from ..graph import NeuralGraph, flat_from_graph, graph_from_values, stack_values, template
+
+__all__ = ["GraphZoo", "ZooPart", "ZooNotFoundError", "ZooFormatError", "SPLITS"]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_CACHE_VERSION = 1
+
+
+def atomic_torch_save(obj, path: str) -> None:  # TODO(lead): move to _atomic once it exists
+    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=osp.dirname(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+
+
+class ZooNotFoundError(FileNotFoundError):
+    """The zoo's files are not where the dataset looks; the message says how to get them."""
+
+
+class ZooFormatError(ValueError):
+    """A zoo file that does not follow its format; the message names the file and key."""
+
+
+@dataclass
+class ZooPart:
+    """The members of one architecture, as read from the zoo's files.
+
+    Attributes:
+        arch: JSON-able keyword arguments from which :meth:`GraphZoo.build_model`
+            builds the architecture.
+        states: a list of state_dicts, or a mapping from key to stacked ``[m, ...]`` tensors.
+        targets: ``[m]`` float targets (accuracy) or long labels.
+        meta: per member, JSON-able facts (file, run, epoch, ...), kept in the cache.
+    """
+
+    arch: dict[str, Any]
+    states: Any
+    targets: Tensor
+    meta: list[dict[str, Any]] = field(default_factory=list)
+
+
+class GraphZoo(Dataset):
+    """A zoo of networks as :class:`~neuralgraph_quasi.NeuralGraph` s, split and filtered.
+
+    Subclasses implement :meth:`read` (the zoo's files to :class:`ZooPart` s),
+    :meth:`build_model`, :meth:`source_exists` / :meth:`missing_message`, and
+    may extend :meth:`processing_settings` and :meth:`split_indices`.
+
+    Args:
+        root: the zoo's directory.
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
+        splits: fractions of train/val/test (after filtering).
+        split_seed: seed of the shuffle before splitting.
+        min_accuracy: keep members whose target is at least this (before splitting).
+        transform: applied on every access (e.g. ``symmetry.RandomSymmetry``).
+        pre_transform: applied once before caching; must keep each graph's structure.
+        pre_filter: applied once before caching; members for which it is False are dropped.
+        on_corrupt: ``"skip"`` (log and count) or ``"raise"`` for unreadable files.
+        force_reload: re-process even if a cache exists.
+    """
+
+    #: Name used in cache directories and messages.
+    zoo_name = "zoo"
+
+    def __init__(self, root: str, split: str = "train", *,
+                 splits: tuple[float, float, float] = (0.7, 0.15, 0.15), split_seed: int = 3,
+                 min_accuracy: float | None = None, transform=None, pre_transform=None,
+                 pre_filter=None, on_corrupt: str = "skip", log: bool = True,
+                 force_reload: bool = False) -> None:
+        if split not in (*SPLITS, "all"):
+            raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
+        if on_corrupt not in ("skip", "raise"):
+            raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
+        if abs(sum(splits) - 1) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got {splits}")
+        self.split, self.splits, self.split_seed = split, tuple(splits), split_seed
+        self.min_accuracy, self.on_corrupt = min_accuracy, on_corrupt
+        self.skipped: dict[str, int] = {}
+        self.root = osp.expanduser(str(root))
+        self.pre_transform, self.pre_filter = pre_transform, pre_filter
+        cached = osp.exists(osp.join(self.processed_dir, self.processed_file_names[0]))
+        if (force_reload or not cached) and not self.source_exists():
+            raise ZooNotFoundError(self.missing_message())
+        super().__init__(self.root, transform, pre_transform, pre_filter, log, force_reload)
+        self._load_cache()
+
+    # -- to implement in subclasses ---------------------------------------------
+    def source_exists(self) -> bool:
+        raise NotImplementedError
+
+    def missing_message(self) -> str:
+        raise NotImplementedError
+
+    def read(self) -> list[ZooPart]:
+        raise NotImplementedError
+
+    def build_model(self, arch: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    def processing_settings(self) -> dict[str, Any]:
+        """Everything that changes the processed cache (extend in subclasses)."""
+        return {"cache_version": _CACHE_VERSION, "zoo": self.zoo_name}
+
+    def split_indices(self, targets: Tensor) -> dict[str, Tensor]:
+        """Shuffle (seeded) and cut into train/val/test by ``self.splits``."""
+        n = targets.numel()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        n_train = int(round(self.splits[0] * n))
+        n_val = int(round(self.splits[1] * n))
+        return {"train": order[:n_train], "val": order[n_train:n_train + n_val],
+                "test": order[n_train + n_val:]}
+
+    # -- PyG plumbing -------------------------------------------------------------
+    @property
+    def raw_dir(self) -> str:
+        return self.root
+
+    @property
+    def raw_file_names(self) -> list[str]:
+        return []
+
+    @property
+    def processed_dir(self) -> str:
+        settings = {**self.processing_settings(), "pre_transform": repr(self.pre_transform),
+                    "pre_filter": repr(self.pre_filter)}
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode())
+        return osp.join(self.root, "processed", f"{self.zoo_name}-{digest.hexdigest()[:12]}")
+
+    @property
+    def processed_file_names(self) -> list[str]:
+        return ["zoo.pt"]
+
+    def process(self) -> None:
+        parts = []
+        for part in self.read():
+            like = self.build_model(part.arch)
+            tpl, values, ints = stack_values(like, part.states)
+            targets, meta = part.targets, list(part.meta)
+            keep = torch.isfinite(values).all(dim=1)
+            if self.pre_transform is not None or self.pre_filter is not None:
+                values, ints, keep = self._pre_process(tpl, values, ints, targets, keep)
+            dropped = int((~keep).sum())
+            if dropped:
+                self.skipped["non-finite or filtered"] = (
+                    self.skipped.get("non-finite or filtered", 0) + dropped)
+                log.info("%s: dropped %d members (non-finite weights or pre_filter)",
+                         self.zoo_name, dropped)
+            rows = keep.nonzero().view(-1).tolist()
+            parts.append({
+                "arch": json.dumps(part.arch, sort_keys=True),
+                "values": values[keep].clone(), "ints": ints[keep].clone(),
+                "targets": targets[keep].clone(),
+                "meta": json.dumps([meta[r] for r in rows]) if meta else "[]",
+            })
+        atomic_torch_save({"parts": parts, "skipped": json.dumps(self.skipped)},
+                          self.processed_paths[0])
+
+    def _pre_process(self, tpl, values, ints, targets, keep):
+        like_graph = None
+        for row in range(values.size(0)):
+            graph = graph_from_values(tpl, values[row], ints[row], like_graph)
+            like_graph = graph if like_graph is None else like_graph
+            graph.y = targets[row:row + 1]
+            if self.pre_filter is not None and not self.pre_filter(graph):
+                keep[row] = False
+                continue
+            if self.pre_transform is not None:
+                out = self.pre_transform(graph)
+                if not torch.equal(out.edge_index, graph.edge_index):
+                    raise ValueError("pre_transform must keep each graph's structure")
+                values[row] = flat_from_graph(out).to(values.dtype)
+        return values, ints, keep
+
+    # -- loading and access -------------------------------------------------------
+    def _load_cache(self) -> None:
+        cache = torch.load(self.processed_paths[0], weights_only=True)
+        self.skipped = json.loads(cache["skipped"])
+        self._parts = []
+        for part in cache["parts"]:
+            arch = json.loads(part["arch"])
+            tpl, _, _ = template(self.build_model(arch))
+            proto = graph_from_values(tpl, part["values"][0], part["ints"][0]) \
+                if part["values"].size(0) else None
+            self._parts.append({**part, "arch": arch, "template": tpl, "proto": proto,
+                                "meta": json.loads(part["meta"])})
+        part_of = [torch.full((p["values"].size(0),), i, dtype=torch.long)
+                   for i, p in enumerate(self._parts)]
+        self._part_of = torch.cat(part_of) if part_of else torch.zeros(0, dtype=torch.long)
+        self._row_of = torch.cat([torch.arange(p["values"].size(0)) for p in self._parts]) \
+            if self._parts else torch.zeros(0, dtype=torch.long)
+        targets = self.all_targets()
+        members = torch.arange(targets.numel())
+        if self.min_accuracy is not None:
+            members = members[targets >= self.min_accuracy]
+        if self.split == "all":
+            self._members = members
+        else:
+            self._members = members[self.split_indices(targets[members])[self.split]]
+
+    def all_targets(self) -> Tensor:
+        """Targets of every cached member (before filtering and splitting)."""
+        if not self._parts:
+            return torch.zeros(0)
+        return torch.cat([p["targets"] for p in self._parts])
+
+    @property
+    def targets(self) -> Tensor:
+        """Targets of this split's members, in dataset order."""
+        return self.all_targets()[self._members]
+
+    def meta(self, idx: int) -> dict[str, Any]:
+        """The facts recorded for member ``idx`` of this split (file, run, epoch, ...)."""
+        member = int(self._members[idx])
+        part = self._parts[int(self._part_of[member])]
+        meta = part["meta"]
+        return meta[int(self._row_of[member])] if meta else {}
+
+    def len(self) -> int:
+        return int(self._members.numel())
+
+    def get(self, idx: int) -> NeuralGraph:
+        member = int(self._members[idx])
+        part_id = int(self._part_of[member])
+        part, row = self._parts[part_id], int(self._row_of[member])
+        graph = graph_from_values(part["template"], part["values"][row], part["ints"][row],
+                                  part["proto"])
+        graph.y = part["targets"][row:row + 1]
+        graph.arch = torch.tensor([part_id])
+        graph.member = torch.tensor([member])
+        return graph
+
+    def make_model(self, graph: NeuralGraph | None = None) -> nn.Module:
+        """A fresh module of ``graph``'s architecture (optional when the zoo has one).
+
+        ``to_model(graph, like=dataset.make_model(graph))`` rebuilds any member exactly.
+        """
+        if graph is None:
+            if len(self._parts) != 1:
+                raise ValueError(f"{self.zoo_name} holds {len(self._parts)} architectures: "
+                                 "pass the graph whose architecture you want")
+            return self.build_model(self._parts[0]["arch"])
+        return self.build_model(self._parts[int(graph.arch)]["arch"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.split}, {len(self)} graphs, root={self.root!r})"

@@ -1,0 +1,179 @@
+"""The Small Transformer Zoo (Tran et al. 2025): AGNews- and MNIST-Transformers.
+
+Layout (published, and written by the generator):
+
+    root/metadata/ag_news.csv        run config columns, ckpt_epoch, ckpt_file, test_accuracy
+    root/ag_news/<run>_<epoch>_<int(acc*10000)>.pt     one state_dict per checkpoint
+    root/metadata/mnist.csv          ... test_top1_accuracy
+    root/mnist/<run>_<epoch>_<acc>.pt
+
+A generated zoo also holds ``root/generator.json`` (and its embedding and corpus).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os.path as osp
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import models
+from ._zoo import GraphZoo, ZooFormatError, ZooPart
+
+__all__ = ["SmallTransformerZoo"]
+
+log = logging.getLogger(__name__)
+
+_ACCURACY = {"ag_news": "test_accuracy", "mnist": "test_top1_accuracy"}
+_GENERATOR = {"ag_news": "agnews_tf", "mnist": "mnist_tf"}
+#: Keys known to appear in some published checkpoints although the architecture has no such
+#: parameter (the attention is bias-free): dropped and counted.
+_SPURIOUS = re.compile(r"encoder\.\d+\.attention\.queries\.bias")
+PUBLISHED_EPOCH = 75
+
+
+class SmallTransformerZoo(GraphZoo):
+    """AGNews- or MNIST-Transformers as graphs, with their test accuracy in ``graph.y``.
+
+    Args:
+        root: the zoo directory (published files or a generated zoo).
+        name: ``"ag_news"`` or ``"mnist"``.
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (0.7/0.15/0.15, seed 3).
+        epoch: the checkpoint epoch to use. Default: 75 for the published zoo; for a
+            generated zoo (``generator.json`` present), its last checkpoint epoch.
+        min_accuracy: keep members with accuracy ≥ this before splitting (the papers
+            use 0.2/0.4/0.6/0.8).
+        **kwargs: see :class:`~neuralgraph_quasi.data.GraphZoo`.
+
+    AGNews members take already-embedded tokens ``[B, T, 32]``: the frozen shared
+    embedding is not part of a member (the published checkpoints have no
+    ``embedding.*`` keys). MNIST members include their patch embedding. The class
+    count is read from ``classifier.fc2.weight``.
+    """
+
+    zoo_name = "small_transformer_zoo"
+
+    def __init__(self, root: str, name: str = "ag_news", split: str = "train", *,
+                 epoch: int | str | None = None, **kwargs) -> None:
+        if name not in _ACCURACY:
+            raise ValueError(f"name must be one of {sorted(_ACCURACY)}, got {name!r}")
+        self.name = name
+        self.root = osp.expanduser(str(root))
+        self.epoch = str(epoch) if epoch is not None else self._default_epoch()
+        super().__init__(root, split, **kwargs)
+
+    # -- locating the files ---------------------------------------------------------
+    @property
+    def metadata_path(self) -> str:
+        return osp.join(self.root, "metadata", f"{self.name}.csv")
+
+    @property
+    def generated(self) -> bool:
+        return osp.exists(osp.join(self.root, "generator.json"))
+
+    def source_exists(self) -> bool:
+        return osp.exists(self.metadata_path)
+
+    def missing_message(self) -> str:
+        return (f"no Small Transformer Zoo ({self.name}) at {self.root}: expected "
+                f"{self.metadata_path} and checkpoints under {osp.join(self.root, self.name)}/. "
+                f"Generate one with `python scripts/make_zoo.py dataset={_GENERATOR[self.name]} "
+                f"dataset.root={self.root}`, or put the published Small Transformer Zoo files "
+                f"(metadata/{self.name}.csv and {self.name}/*.pt) there.")
+
+    def _rows(self) -> list[dict[str, str]]:
+        with open(self.metadata_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        needed = ("ckpt_epoch", "ckpt_file", _ACCURACY[self.name])
+        for column in needed:
+            if rows and column not in rows[0]:
+                raise ZooFormatError(f"{self.metadata_path}: missing column {column!r}")
+        return rows
+
+    def _default_epoch(self) -> str:
+        if not self.generated or not self.source_exists():
+            return str(PUBLISHED_EPOCH)
+        epochs = {row["ckpt_epoch"] for row in self._rows()}
+        numeric = [int(e) for e in epochs if e.isdigit()]
+        if not numeric:
+            raise ZooFormatError(f"{self.metadata_path}: no numeric ckpt_epoch")
+        return str(max(numeric))
+
+    # -- GraphZoo interface -----------------------------------------------------------
+    def processing_settings(self) -> dict[str, Any]:
+        return {**super().processing_settings(), "name": self.name, "epoch": self.epoch}
+
+    def build_model(self, arch: dict[str, Any]) -> nn.Module:
+        embedding = models.PatchEmbedding() if arch["name"] == "mnist" else None
+        return models.TransformerClassifier(num_classes=arch["num_classes"],
+                                            embedding=embedding)
+
+    def read(self) -> list[ZooPart]:
+        rows = [r for r in self._rows() if r["ckpt_epoch"] == self.epoch]
+        if not rows:
+            raise ZooFormatError(f"{self.metadata_path}: no checkpoint of epoch {self.epoch} "
+                                 f"(pass epoch=... to choose another)")
+        parts: dict[int, ZooPart] = {}
+        expected: dict[int, set[str]] = {}
+        spurious = 0
+        for row in tqdm(rows, desc=f"reading {self.name} checkpoints", unit="ckpt",
+                        disable=not self.log):
+            path = osp.join(self.root, row["ckpt_file"])
+            state = self._read_checkpoint(path)
+            if state is None:
+                continue
+            stray = [k for k in state if _SPURIOUS.fullmatch(k)]
+            spurious += len(stray)
+            for k in stray:
+                del state[k]
+            num_classes = self._num_classes(state, path)
+            if num_classes not in parts:
+                arch = {"name": self.name, "num_classes": num_classes}
+                parts[num_classes] = ZooPart(arch, [], [], [])
+                expected[num_classes] = set(self.build_model(arch).state_dict())
+            _check_keys(state, expected[num_classes], path)
+            part = parts[num_classes]
+            part.states.append(state)
+            part.targets.append(float(row[_ACCURACY[self.name]]))
+            part.meta.append(row)
+        if spurious:
+            self.skipped["spurious queries.bias keys dropped"] = spurious
+            log.info("%s: dropped %d spurious queries.bias keys", self.name, spurious)
+        for part in parts.values():
+            part.targets = torch.tensor(part.targets)
+        return list(parts.values())
+
+    def _read_checkpoint(self, path: str):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise ZooFormatError(f"{path}: not a state_dict ({type(state).__name__})")
+            return state
+        except Exception as exc:  # a corrupt, truncated or missing checkpoint
+            if self.on_corrupt == "raise":
+                raise ZooFormatError(f"{path}: cannot read checkpoint: {exc}") from exc
+            self.skipped["unreadable checkpoints"] = self.skipped.get("unreadable checkpoints",
+                                                                      0) + 1
+            log.warning("skipping unreadable checkpoint %s: %s", path, exc)
+            return None
+
+    @staticmethod
+    def _num_classes(state: dict, path: str) -> int:
+        weight = state.get("classifier.fc2.weight")
+        if weight is None:
+            raise ZooFormatError(f"{path}: missing key 'classifier.fc2.weight'")
+        return int(weight.shape[0])
+
+
+def _check_keys(state: dict, expected: set[str], path: str) -> None:
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ZooFormatError(f"{path}: missing key {missing[0]!r}")
+    unknown = sorted(set(state) - expected)
+    if unknown:
+        raise ZooFormatError(f"{path}: unknown key {unknown[0]!r}")
