@@ -10,6 +10,7 @@ from ._convert import (
     to_model,
 )
 from ._converters import SUPPORTED
+from ._draw import draw, to_networkx
 from ._schema import (
     NUM_SLOTS,
     WEIGHT_EDGE_TYPES,
@@ -33,6 +34,8 @@ __all__ = [
     "graph_from_values",
     "flat_from_graph",
     "template",
+    "to_networkx",
+    "draw",
     "SUPPORTED",
     "NodeType",
     "NodeOp",
