@@ -176,6 +176,7 @@ class GraphZoo(Dataset):
         for part in self.read():
             like = self.build_model(part.arch)
             tpl, values, ints = stack_values(like, part.states)
+            part.states = None  # free the checkpoints: only the flat values are kept
             targets, meta = part.targets, list(part.meta)
             keep = torch.isfinite(values).all(dim=1)
             if self.pre_transform is not None or self.pre_filter is not None:
@@ -186,13 +187,10 @@ class GraphZoo(Dataset):
                     self.skipped.get("non-finite or filtered", 0) + dropped)
                 log.info("%s: dropped %d members (non-finite weights or pre_filter)",
                          self.zoo_name, dropped)
-            rows = keep.nonzero().view(-1).tolist()
-            parts.append({
-                "arch": json.dumps(part.arch, sort_keys=True),
-                "values": values[keep].clone(), "ints": ints[keep].clone(),
-                "targets": targets[keep].clone(),
-                "meta": json.dumps([meta[r] for r in rows]) if meta else "[]",
-            })
+                values, ints, targets = values[keep], ints[keep], targets[keep]
+                meta = [meta[r] for r in keep.nonzero().view(-1).tolist()] if meta else meta
+            parts.append({"arch": json.dumps(part.arch, sort_keys=True), "values": values,
+                          "ints": ints, "targets": targets, "meta": json.dumps(meta)})
         atomic_torch_save({"parts": parts, "skipped": json.dumps(self.skipped)},
                           self.processed_paths[0])
 

@@ -153,25 +153,36 @@ def _check_keys(tpl: Template, keys, ignorable: set[str], where: str) -> None:
 
 def _stack_states(tpl: Template, states, ignorable: set[str]) -> tuple[Tensor, Tensor]:
     """``[M, P]`` flat float values and ``[M, k]`` integer buffers, in template order."""
-    described = tpl.params + tpl.int_params
     if isinstance(states, Mapping):
-        _check_keys(tpl, states, ignorable, "")
-        stacked = states
-        counts = {int(states[p["name"]].size(0)) for p in described}
-        if len(counts) > 1:
-            raise ConversionError(f"stacked states disagree on the number of models: {counts}")
-        count = counts.pop() if counts else 0
-    else:
-        count = len(states)
-        for i, state in enumerate(states):
-            _check_keys(tpl, state, ignorable, f"state {i}: ")
-            for p in described:
-                shape = list(state[p["name"]].shape)
-                if shape != p["shape"]:
-                    raise ConversionError(f"state {i}: key {p['name']!r} has shape {shape}, "
-                                          f"expected {p['shape']}")
-        stacked = {p["name"]: torch.stack([s[p["name"]] for s in states]) if len(states)
-                   else torch.zeros(0, *p["shape"]) for p in described}
+        return _stack_mapping(tpl, states, ignorable)
+    # A list of state_dicts is written row by row into one preallocated matrix: stacking
+    # per key and concatenating would hold three copies of a large zoo at once.
+    flat = torch.empty(len(states), tpl.num_values, dtype=tpl.dtype)
+    ints = torch.empty(len(states), sum(math.prod(p["shape"]) for p in tpl.int_params),
+                       dtype=torch.long)
+    for i, state in enumerate(states):
+        _check_keys(tpl, state, ignorable, f"state {i}: ")
+        for out, params in ((flat, tpl.params), (ints, tpl.int_params)):
+            start = 0
+            for p in params:
+                value = state[p["name"]]
+                if list(value.shape) != p["shape"]:
+                    raise ConversionError(f"state {i}: key {p['name']!r} has shape "
+                                          f"{list(value.shape)}, expected {p['shape']}")
+                size = value.numel()
+                out[i, start:start + size] = value.reshape(-1)
+                start += size
+    return flat, ints
+
+
+def _stack_mapping(tpl: Template, stacked: Mapping[str, Tensor],
+                   ignorable: set[str]) -> tuple[Tensor, Tensor]:
+    _check_keys(tpl, stacked, ignorable, "")
+    described = tpl.params + tpl.int_params
+    counts = {int(stacked[p["name"]].size(0)) for p in described}
+    if len(counts) > 1:
+        raise ConversionError(f"stacked states disagree on the number of models: {counts}")
+    count = counts.pop() if counts else 0
 
     def columns(params: list[dict], dtype: torch.dtype) -> Tensor:
         cols = []
