@@ -27,12 +27,12 @@ def reindex(graph, generator: torch.Generator | None = None):
         ``(new_graph, node_order, edge_order)`` with ``new.x == graph.x[node_order]``
         and ``new.edge_attr == graph.edge_attr[edge_order]``.
     """
-    graph = graph.cpu()
-    node_order = _order_within(graph_of_nodes(graph), generator)
-    edge_graph = graph_of_nodes(graph)[graph.edge_index[0]]
-    edge_order = _order_within(edge_graph, generator)
+    device = graph.x.device
+    node_graph = graph_of_nodes(graph).cpu()
+    node_order = _order_within(node_graph, generator).to(device)
+    edge_order = _order_within(node_graph[graph.edge_index[0].cpu()], generator).to(device)
     new_id = torch.empty_like(node_order)
-    new_id[node_order] = torch.arange(node_order.numel())
+    new_id[node_order] = torch.arange(node_order.numel(), device=device)
     out = graph.clone()
     for key, value in graph.items():
         if not isinstance(value, Tensor) or key in ("ptr",):
