@@ -69,15 +69,20 @@ class ZooPart:
     Attributes:
         arch: JSON-able keyword arguments from which :meth:`GraphZoo.build_model`
             builds the architecture.
-        states: a list of state_dicts, or a mapping from key to stacked ``[m, ...]`` tensors.
+        states: a list of state_dicts, or a mapping from key to stacked ``[m, ...]``
+            tensors; or ``None`` when ``values`` is given.
         targets: ``[m]`` float targets (accuracy) or long labels.
         meta: per member, JSON-able facts (file, run, epoch, ...), kept in the cache.
+        values: already stacked ``(template, values [m, P], ints [m, k])``, e.g. from a
+            :class:`~neuralgraph_quasi.graph.StateStacker` filled while reading files
+            one at a time (large zoos: the checkpoints are never all in memory).
     """
 
     arch: dict[str, Any]
     states: Any
     targets: Tensor
     meta: list[dict[str, Any]] = field(default_factory=list)
+    values: tuple | None = None
 
 
 class GraphZoo(Dataset):
@@ -174,11 +179,13 @@ class GraphZoo(Dataset):
     def process(self) -> None:
         parts = []
         for part in self.read():
-            like = self.build_model(part.arch)
-            tpl, values, ints = stack_values(like, part.states)
-            part.states = None  # free the checkpoints: only the flat values are kept
+            if part.values is None:
+                part.values = stack_values(self.build_model(part.arch), part.states)
+            tpl, values, ints = part.values
+            part.states = part.values = None  # only the flat values are kept
             targets, meta = part.targets, list(part.meta)
-            keep = torch.isfinite(values).all(dim=1)
+            keep = torch.cat([torch.isfinite(chunk).all(dim=1) for chunk in values.split(1024)]) \
+                if values.size(0) else torch.zeros(0, dtype=torch.bool)
             if self.pre_transform is not None or self.pre_filter is not None:
                 values, ints, keep = self._pre_process(tpl, values, ints, targets, keep)
             dropped = int((~keep).sum())
@@ -191,8 +198,9 @@ class GraphZoo(Dataset):
                 meta = [meta[r] for r in keep.nonzero().view(-1).tolist()] if meta else meta
             parts.append({"arch": json.dumps(part.arch, sort_keys=True), "values": values,
                           "ints": ints, "targets": targets, "meta": json.dumps(meta)})
-        atomic_torch_save({"parts": parts, "skipped": json.dumps(self.skipped)},
-                          self.processed_paths[0])
+        cache = {"parts": parts, "skipped": json.dumps(self.skipped)}
+        atomic_torch_save(cache, self.processed_paths[0])
+        self._fresh = cache  # _load_cache uses it instead of reading the file back
 
     def _pre_process(self, tpl, values, ints, targets, keep):
         like_graph = None
@@ -212,7 +220,8 @@ class GraphZoo(Dataset):
 
     # -- loading and access -------------------------------------------------------
     def _load_cache(self) -> None:
-        cache = torch.load(self.processed_paths[0], weights_only=True)
+        cache = self.__dict__.pop("_fresh", None) or torch.load(self.processed_paths[0],
+                                                                  weights_only=True)
         self.skipped = json.loads(cache["skipped"])
         self._parts = []
         for part in cache["parts"]:

@@ -23,6 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import models
+from .._errors import ConversionError
+from ..graph import StateStacker
 from ._zoo import GraphZoo, ZooFormatError, ZooPart
 
 __all__ = ["SmallTransformerZoo"]
@@ -118,8 +120,10 @@ class SmallTransformerZoo(GraphZoo):
         if not rows:
             raise ZooFormatError(f"{self.metadata_path}: no checkpoint of epoch {self.epoch} "
                                  f"(pass epoch=... to choose another)")
+        # One pass, one checkpoint in memory at a time: each is written into its
+        # architecture's preallocated value matrix (a zoo has one class count, rarely more).
         parts: dict[int, ZooPart] = {}
-        expected: dict[int, set[str]] = {}
+        stackers: dict[int, StateStacker] = {}
         spurious = 0
         for row in tqdm(rows, desc=f"reading {self.name} checkpoints", unit="ckpt",
                         disable=not self.log):
@@ -134,18 +138,20 @@ class SmallTransformerZoo(GraphZoo):
             num_classes = self._num_classes(state, path)
             if num_classes not in parts:
                 arch = {"name": self.name, "num_classes": num_classes}
-                parts[num_classes] = ZooPart(arch, [], [], [])
-                expected[num_classes] = set(self.build_model(arch).state_dict())
-            _check_keys(state, expected[num_classes], path)
-            part = parts[num_classes]
-            part.states.append(state)
-            part.targets.append(float(row[_ACCURACY[self.name]]))
-            part.meta.append(row)
+                parts[num_classes] = ZooPart(arch, None, [], [])
+                stackers[num_classes] = StateStacker.for_model(self.build_model(arch), len(rows))
+            try:
+                stackers[num_classes].add(state, where=f"{path}: ")
+            except ConversionError as exc:  # a missing/unknown key or a wrong shape
+                raise ZooFormatError(str(exc)) from None
+            parts[num_classes].targets.append(float(row[_ACCURACY[self.name]]))
+            parts[num_classes].meta.append(row)
         if spurious:
             self.skipped["spurious queries.bias keys dropped"] = spurious
             log.info("%s: dropped %d spurious queries.bias keys", self.name, spurious)
-        for part in parts.values():
+        for num_classes, part in parts.items():
             part.targets = torch.tensor(part.targets)
+            part.values = stackers[num_classes].result()
         return list(parts.values())
 
     def _read_checkpoint(self, path: str):
@@ -170,10 +176,3 @@ class SmallTransformerZoo(GraphZoo):
         return int(weight.shape[0])
 
 
-def _check_keys(state: dict, expected: set[str], path: str) -> None:
-    missing = sorted(expected - set(state))
-    if missing:
-        raise ZooFormatError(f"{path}: missing key {missing[0]!r}")
-    unknown = sorted(set(state) - expected)
-    if unknown:
-        raise ZooFormatError(f"{path}: unknown key {unknown[0]!r}")

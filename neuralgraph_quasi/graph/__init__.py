@@ -1,6 +1,7 @@
 """Networks as graphs: :func:`to_graph`, :func:`to_model` and the :class:`NeuralGraph` schema."""
 
 from ._convert import (
+    StateStacker,
     flat_from_graph,
     graph_from_values,
     stack_values,
@@ -31,6 +32,7 @@ __all__ = [
     "to_model",
     "collate",
     "stack_values",
+    "StateStacker",
     "graph_from_values",
     "flat_from_graph",
     "template",

@@ -14,7 +14,7 @@ from ._builder import Builder, Template
 from ._converters import convert
 from ._schema import NeuralGraph
 
-__all__ = ["to_graph", "to_model", "to_graphs", "template", "stack_values",
+__all__ = ["to_graph", "to_model", "to_graphs", "template", "stack_values", "StateStacker",
            "graph_from_values", "flat_from_graph"]
 
 
@@ -151,28 +151,67 @@ def _check_keys(tpl: Template, keys, ignorable: set[str], where: str) -> None:
         raise ConversionError(f"{where}unknown key {unknown[0]!r} for {tpl.model_type}")
 
 
-def _stack_states(tpl: Template, states, ignorable: set[str]) -> tuple[Tensor, Tensor]:
-    """``[M, P]`` flat float values and ``[M, k]`` integer buffers, in template order."""
-    if isinstance(states, Mapping):
-        return _stack_mapping(tpl, states, ignorable)
-    # A list of state_dicts is written row by row into one preallocated matrix: stacking
-    # per key and concatenating would hold three copies of a large zoo at once.
-    flat = torch.empty(len(states), tpl.num_values, dtype=tpl.dtype)
-    ints = torch.empty(len(states), sum(math.prod(p["shape"]) for p in tpl.int_params),
-                       dtype=torch.long)
-    for i, state in enumerate(states):
-        _check_keys(tpl, state, ignorable, f"state {i}: ")
-        for out, params in ((flat, tpl.params), (ints, tpl.int_params)):
+class StateStacker:
+    """Collect state_dicts of ``like``'s architecture into flat values, one row at a time.
+
+    Memory stays at the preallocated ``[capacity, P]`` matrix plus one state: a
+    zoo's checkpoints can be read and stacked in one pass without holding them all.
+
+    >>> stacker = StateStacker.for_model(like, capacity=len(files))
+    >>> for f in files:
+    ...     stacker.add(torch.load(f, weights_only=True), where=f"{f}: ")
+    >>> tpl, values, ints = stacker.result()
+    """
+
+    def __init__(self, tpl: Template, capacity: int, ignorable: set[str] | None = None) -> None:
+        self.template = tpl
+        self._ignorable = set(ignorable or ())
+        self._flat = torch.empty(capacity, tpl.num_values, dtype=tpl.dtype)
+        self._ints = torch.empty(capacity, sum(math.prod(p["shape"]) for p in tpl.int_params),
+                                 dtype=torch.long)
+        self.count = 0
+
+    @classmethod
+    def for_model(cls, like: nn.Module, capacity: int) -> StateStacker:
+        """A stacker for ``like``'s architecture (its buffers not held by a graph may be
+        present in the states and are ignored)."""
+        tpl, _, _ = template(like)
+        return cls(tpl, capacity, {name for name, _ in like.named_buffers()})
+
+    def add(self, state: Mapping[str, Tensor], where: str = "") -> None:
+        """Append one state_dict; errors name ``where`` (e.g. the file) and the key."""
+        if self.count == self._flat.size(0):
+            raise ValueError(f"StateStacker is full ({self.count} states)")
+        tpl = self.template
+        _check_keys(tpl, state, self._ignorable, where)
+        for out, params in ((self._flat, tpl.params), (self._ints, tpl.int_params)):
             start = 0
             for p in params:
                 value = state[p["name"]]
                 if list(value.shape) != p["shape"]:
-                    raise ConversionError(f"state {i}: key {p['name']!r} has shape "
+                    raise ConversionError(f"{where}key {p['name']!r} has shape "
                                           f"{list(value.shape)}, expected {p['shape']}")
                 size = value.numel()
-                out[i, start:start + size] = value.reshape(-1)
+                out[self.count, start:start + size] = value.reshape(-1)
                 start += size
-    return flat, ints
+        self.count += 1
+
+    def result(self) -> tuple[Template, Tensor, Tensor]:
+        """``(template, values [M, P], ints [M, k])`` of the states added so far."""
+        if self.count == self._flat.size(0):
+            return self.template, self._flat, self._ints
+        # copies: a view of the first rows would keep (and save) the whole buffer
+        return self.template, self._flat[:self.count].clone(), self._ints[:self.count].clone()
+
+
+def _stack_states(tpl: Template, states, ignorable: set[str]) -> tuple[Tensor, Tensor]:
+    """``[M, P]`` flat float values and ``[M, k]`` integer buffers, in template order."""
+    if isinstance(states, Mapping):
+        return _stack_mapping(tpl, states, ignorable)
+    stacker = StateStacker(tpl, len(states), ignorable)
+    for i, state in enumerate(states):
+        stacker.add(state, f"state {i}: ")
+    return stacker.result()[1:]
 
 
 def _stack_mapping(tpl: Template, stacked: Mapping[str, Tensor],
