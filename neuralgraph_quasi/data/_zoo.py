@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import os.path as osp
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +30,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Dataset
 
 from ..graph import NeuralGraph, flat_from_graph, graph_from_values, stack_values, template
+from ._atomic import atomic_torch_save
 
 __all__ = ["GraphZoo", "ZooPart", "ZooNotFoundError", "ZooFormatError", "SPLITS"]
 
@@ -39,19 +38,6 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 _CACHE_VERSION = 1
-
-
-def atomic_torch_save(obj, path: str) -> None:  # TODO(lead): move to _atomic once it exists
-    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
-    os.makedirs(osp.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=osp.dirname(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
 
 
 class ZooNotFoundError(FileNotFoundError):
