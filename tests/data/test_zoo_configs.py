@@ -19,7 +19,7 @@ def _dataset_cfg(name: str, tmp_path: Path, *overrides: str):
     return cfg.dataset
 
 
-@pytest.mark.parametrize("name", ["agnews_tf", "inr"])
+@pytest.mark.parametrize("name", ["agnews_tf", "mnist_tf", "cnn_zoo", "inr"])
 def test_dataset_configs_compose_with_known_generator_keys(name, tmp_path):
     cfg = _dataset_cfg(name, tmp_path)
     assert cfg.root.startswith(str(tmp_path))

@@ -6,7 +6,8 @@ a frozen, shared embedding of a text corpus (synthetic, or the user's AG News
 CSV), *many models at once*: the parameters of a chunk of ``models_per_chunk``
 runs live in one ``[M, P]`` tensor, the forward is batched matmuls over the
 model axis (:class:`StackedTransformer`), and the four optimizers are one
-vectorised update rule with per-model coefficients (:class:`StackedOptimizer`).
+vectorised update rule with per-model coefficients (:class:`StackedOptimizer`);
+these shared pieces live in :mod:`._stacked` (re-exported here).
 
 Layout written under ``root`` (as published, plus what re-evaluation needs)::
 
@@ -24,27 +25,38 @@ rows), so an interrupted run resumes where it stopped; see :func:`generate`.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
-import re
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
-from functools import partial
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from ...models import TransformerClassifier
-from .._atomic import atomic_torch_save, atomic_write_json, atomic_write_text, fsync_paths
+from .._atomic import atomic_torch_save, atomic_write_json, atomic_write_text
+from ._stacked import (
+    DIM,
+    OPTIMIZERS,
+    ChunkResult,
+    Dropout,
+    ParamLayout,
+    StackedOptimizer,
+    StackedTransformer,
+    ZooConfigBase,
+    check_identity,
+    check_sweep,
+    chunk_rows,
+    evaluate_logits,
+    lr_schedule,
+    plan_chunks,
+    read_metadata,
+    resolve_device,
+    run_chunks,
+    sample_runs,
+    save_chunk,
+    torch_seed,
+    train_stack,
+    write_metadata,
+)
 from .corpus import (
     Corpus,
     FrozenEmbedding,
@@ -60,19 +72,16 @@ __all__ = ["AGNewsZooConfig", "generate", "sample_runs", "ParamLayout", "Stacked
            "StackedOptimizer", "Dropout", "lr_schedule", "train_chunk", "ChunkResult",
            "evaluate_stack", "plan_chunks", "load_zoo_inputs", "METADATA_COLUMNS", "OPTIMIZERS"]
 
-OPTIMIZERS = ("adam", "rmsprop", "sgd", "sgd_momentum")
-DIM, HEADS = 32, 2  # the AGNews architecture (TransformerClassifier's defaults)
 METADATA_COLUMNS = ("run", "optimizer", "lr", "w_init_std", "l2_regularize", "train_fraction",
                     "dropout", "epochs", "batch_size", "seed", "num_classes", "ckpt_epoch",
                     "ckpt_file", "test_accuracy", "test_loss", "train_loss")
-_RUNTIME_KEYS = ("root", "device", "workers", "progress")  # may change between runs of a zoo
 METADATA = Path("metadata") / "ag_news.csv"
-
+SUBDIR = "ag_news"
 
 # ----------------------------------------------------------------------------- config
 
 @dataclass
-class AGNewsZooConfig:
+class AGNewsZooConfig(ZooConfigBase):
     """Everything that defines an AGNews zoo. Defaults: the CPU zoo (1,000 runs, minutes).
 
     Corpus (``csv`` unset: synthetic):
@@ -105,7 +114,7 @@ class AGNewsZooConfig:
     ``root/generator.json``.
     """
 
-    root: str = "zoo/agnews"
+    root: str = "data/agnews_tf"
     num_models: int = 1000
     seed: int = 0
     # corpus
@@ -147,276 +156,10 @@ class AGNewsZooConfig:
     workers: int | None = None
     progress: bool = True
 
+    _label = "AGNews"  # class attributes (no annotation): not config keys
+
     def __post_init__(self) -> None:
-        bad = sorted(set(self.optimizers) - set(OPTIMIZERS))
-        if bad or not self.optimizers:
-            raise ValueError(f"optimizers must be a non-empty subset of {OPTIMIZERS}, got {bad}")
-        missing = [o for o in self.optimizers if o not in self.lr_range]
-        if missing:
-            raise ValueError(f"lr_range has no range for optimizers {missing}")
-        if not self.ckpt_epochs or not all(1 <= e <= self.epochs for e in self.ckpt_epochs):
-            raise ValueError(f"ckpt_epochs {self.ckpt_epochs} must lie in 1..epochs={self.epochs}")
-        if self.num_models < 1 or self.models_per_chunk < 1 or self.batch_size < 1:
-            raise ValueError("num_models, models_per_chunk and batch_size must be >= 1")
-
-    @classmethod
-    def from_any(cls, cfg: AGNewsZooConfig | Mapping | None = None, **overrides) -> AGNewsZooConfig:
-        """A config from a dataclass, a mapping (e.g. a hydra ``DictConfig``) or keywords."""
-        if isinstance(cfg, AGNewsZooConfig):
-            data = asdict(cfg)
-        else:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(cfg, DictConfig):
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-            data = dict(cfg or {})
-        data.update(overrides)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown AGNews zoo config keys: {unknown}")
-        data = {k: _freeze(v) for k, v in data.items()}
-        return cls(**data)
-
-    def identity(self) -> dict:
-        """The keys that define the zoo's contents, JSON-normalised (tuples become lists)."""
-        data = {k: v for k, v in asdict(self).items() if k not in _RUNTIME_KEYS}
-        return json.loads(json.dumps(data))
-
-
-def _freeze(value):
-    """Lists (from JSON/hydra) to tuples, recursively; mappings to plain dicts."""
-    if isinstance(value, Mapping):
-        return {k: _freeze(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-def sample_runs(cfg: AGNewsZooConfig) -> list[dict]:
-    """The hyperparameters of every run, each drawn from its own seeded generator.
-
-    Returns:
-        ``num_models`` dicts with keys ``run``, ``optimizer``, ``lr``, ``w_init_std``,
-        ``l2_regularize``, ``train_fraction``, ``dropout`` (run ``r`` does not depend
-        on ``num_models``).
-    """
-    runs = []
-    for run in range(cfg.num_models):
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, run, 0x5E]))
-        opt = cfg.optimizers[rng.integers(len(cfg.optimizers))]
-        lo, hi = cfg.lr_range[opt]
-        runs.append({
-            "run": run, "optimizer": opt,
-            "lr": float(math.exp(rng.uniform(math.log(lo), math.log(hi)))),
-            **{key: float(rng.choice(getattr(cfg, key)))
-               for key in ("w_init_std", "l2_regularize", "train_fraction", "dropout")}})
-    return runs
-
-
-# ----------------------------------------------------------------------------- stacked model
-
-@dataclass(frozen=True)
-class ParamLayout:
-    """Where each state_dict entry of a member lives in a flat ``[M, P]`` parameter tensor.
-
-    Names, shapes and order are those of ``TransformerClassifier(num_classes=C).state_dict()``.
-    """
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    offsets: tuple[int, ...]
-    size: int
-
-    @classmethod
-    def for_classes(cls, num_classes: int) -> ParamLayout:
-        state = TransformerClassifier(DIM, num_classes=num_classes).state_dict()
-        shapes = tuple(tuple(t.shape) for t in state.values())
-        sizes = [math.prod(s) for s in shapes]
-        offsets = tuple(int(o) for o in np.cumsum([0, *sizes[:-1]]))
-        return cls(tuple(state), shapes, offsets, sum(sizes))
-
-    def views(self, flat: Tensor) -> dict[str, Tensor]:
-        """``flat [M, P]`` -> ``{name: [M, *shape]}`` views sharing its storage."""
-        return {n: flat[:, o: o + math.prod(s)].view(flat.shape[0], *s)
-                for n, s, o in zip(self.names, self.shapes, self.offsets, strict=True)}
-
-    def is_bias(self, device: torch.device | str = "cpu") -> Tensor:
-        """``[P]`` bool, True on bias entries."""
-        mask = torch.zeros(self.size, dtype=torch.bool, device=device)
-        for n, s, o in zip(self.names, self.shapes, self.offsets, strict=True):
-            mask[o: o + math.prod(s)] = n.endswith("bias")
-        return mask
-
-    def state_dict(self, row: Tensor) -> dict[str, Tensor]:
-        """One member's ``state_dict`` from its row ``[P]``: contiguous float32 CPU copies."""
-        return {n: row[o: o + math.prod(s)].reshape(s).to("cpu", torch.float32).clone()
-                for n, s, o in zip(self.names, self.shapes, self.offsets, strict=True)}
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Per-model ``x @ W^T + b``: ``x [M, N, in]``, ``W [M, out, in]``, ``b [M, out]``."""
-    if bias is None:
-        return torch.bmm(x, weight.transpose(1, 2))
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-
-
-@dataclass(frozen=True)
-class Dropout:
-    """Inverted dropout with a rate per model, from 16-bit random integers.
-
-    Each kept unit is scaled by ``1 / (1 - p)``. Rates are rounded to multiples of
-    ``2**-16`` (the scale uses the rounded rate, so the expectation is exact).
-    Sixteen random bits per unit (four per 64-bit draw) cost a third of ``torch.rand``;
-    the mask is a float tensor, so the backward is one multiplication.
-
-    Shapes: ``threshold``, ``scale`` ``[M]``; acts on ``x [M, ...]``.
-    """
-
-    threshold: Tensor  # int16: keep where bits >= threshold
-    scale: Tensor
-    generator: torch.Generator | None = None
-
-    @classmethod
-    def from_rates(cls, p: Tensor, generator: torch.Generator | None = None) -> Dropout:
-        dropped = torch.round(p.double() * 65536)
-        return cls((dropped - 32768).to(torch.int16), (65536 / (65536 - dropped)).float(),
-                   generator)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
-        bits = bits.random_(-(2**63), 2**63 - 1, generator=self.generator)
-        bits = bits.view(torch.int16)[:n].view(x.shape)
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        return x * (bits >= self.threshold.view(shape)).to(x.dtype).mul_(self.scale.view(shape))
-
-
-class StackedTransformer:
-    r"""The forward of ``M`` :class:`TransformerClassifier` s at once (``embedding=None``).
-
-    Per block and model: ``fc2(relu(fc1(LN(drop(attn(LN(x)))))))``, then ``drop``;
-    after the blocks ``LN``, mean over tokens, ``fc2(relu(fc1(.)))``. Dropout (train
-    only) acts on each block's attention output and FFN output. Without dropout each
-    member's logits equal ``TransformerClassifier.forward`` up to float rounding.
-
-    Shapes:
-        params: ``{name: [M, *shape]}`` (see :class:`ParamLayout`);
-        x: ``[M, B, T, d]`` (or ``[B, T, d]``, shared by all models) -> ``[M, B, C]``.
-    """
-
-    def __init__(self, layout: ParamLayout, heads: int = HEADS) -> None:
-        self.layout = layout
-        self.heads = heads
-        self.depth = 1 + max(int(n.split(".")[1]) for n in layout.names if n.startswith("encoder"))
-
-    def _attention(self, x: Tensor, p: dict[str, Tensor], prefix: str, batch: int) -> Tensor:
-        """``x [M, B*T, d]`` -> ``[M, B*T, d]``; head ``i`` owns rows ``i*dh:(i+1)*dh``.
-
-        Each head's projections use its own row block of the weights (a contiguous view),
-        and the output projection sums the heads' contributions: no concatenation or
-        permutation copies in the forward or the backward.
-        """
-        m, n, d = x.shape
-        dh = d // self.heads
-        wq, wk, wv, wo = (p[f"{prefix}.{k}.weight"]
-                          for k in ("queries", "keys", "values", "out_projection"))
-        out = None
-        for i in range(self.heads):
-            rows = slice(i * dh, (i + 1) * dh)
-            q, k, v = (_linear(x, w[:, rows]).view(m * batch, n // batch, dh)
-                       for w in (wq, wk, wv))
-            scores = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(dh)  # [M*B, T, T]
-            head = torch.bmm(scores.softmax(-1), v).view(m, n, dh)
-            w = wo[:, :, rows].transpose(1, 2)
-            out = torch.bmm(head, w) if out is None else torch.baddbmm(out, head, w)
-        return out
-
-    def __call__(self, params: dict[str, Tensor], x: Tensor,
-                 dropout: Dropout | None = None) -> Tensor:
-        m = next(iter(params.values())).shape[0]
-        if x.dim() == 3:
-            x = x.expand(m, *x.shape)
-        _, b, t, d = x.shape
-        x = x.reshape(m, b * t, d)
-        drop = dropout or (lambda y: y)
-        for i in range(self.depth):
-            pre = f"encoder.{i}"
-            x = F.layer_norm(x, (d,))
-            x = drop(self._attention(x, params, f"{pre}.attention", b))
-            x = F.layer_norm(x, (d,))
-            x = _linear(x, params[f"{pre}.fc1.weight"], params[f"{pre}.fc1.bias"]).relu()
-            x = _linear(x, params[f"{pre}.fc2.weight"], params[f"{pre}.fc2.bias"])
-            x = drop(x)
-        x = F.layer_norm(x, (d,)).view(m, b, t, d).mean(2)
-        x = _linear(x, params["classifier.fc1.weight"], params["classifier.fc1.bias"]).relu()
-        return _linear(x, params["classifier.fc2.weight"], params["classifier.fc2.bias"])
-
-
-# ----------------------------------------------------------------------------- optimizer
-
-class StackedOptimizer:
-    r"""Adam, RMSprop, SGD and SGD with momentum as one update rule with per-model coefficients.
-
-    For model ``m`` with gradient ``g`` (L2 included: ``g + wd_m * theta``)::
-
-        mom = b1 * mom + c1 * g          adam: b1=.9, c1=.1; sgd_momentum: b1=.9, c1=1;
-                                         sgd, rmsprop: b1=0, c1=1
-        sq  = b2 * sq + (1 - b2) * g^2   adam: b2=.999; rmsprop: b2=.99
-        theta -= lr * (mom / bc1) / (sqrt(sq / bc2) + eps)    adaptive (adam, rmsprop)
-        theta -= lr * mom                                      sgd, sgd_momentum
-
-    with Adam's bias corrections ``bc1 = 1 - b1^t``, ``bc2 = 1 - b2^t`` (1 otherwise);
-    this matches ``torch.optim`` (RMSprop without centring, momentum without dampening).
-    A model that is inactive in a step keeps its parameters, state and step count.
-
-    Shapes:
-        lr, weight_decay: ``[M]``; theta, grad, state (``dtype``): ``[M, P]``;
-        active (bool), lr_scale: ``[M]``.
-    """
-
-    _COEFFS = {  # b1, c1, b2, adaptive
-        "adam": (0.9, 0.1, 0.999, 1.0), "rmsprop": (0.0, 1.0, 0.99, 1.0),
-        "sgd": (0.0, 1.0, 0.0, 0.0), "sgd_momentum": (0.9, 1.0, 0.0, 0.0)}
-
-    def __init__(self, optimizers: list[str], lr: Tensor, weight_decay: Tensor, size: int,
-                 eps: float = 1e-8, dtype: torch.dtype = torch.float32) -> None:
-        dev = lr.device
-        coeffs = torch.tensor([self._COEFFS[o] for o in optimizers], dtype=torch.float64)
-        self.b1, self.c1, self.b2, self.adaptive = (c.to(dev) for c in coeffs.unbind(1))
-        self.bias_corrected = torch.tensor([o == "adam" for o in optimizers], device=dev)
-        self.lr, self.weight_decay, self.eps = lr, weight_decay, eps
-        self.step_count = torch.zeros(len(optimizers), dtype=torch.int64, device=dev)
-        self.mom = torch.zeros(len(optimizers), size, device=dev, dtype=dtype)
-        self.sq = torch.zeros(len(optimizers), size, device=dev, dtype=dtype)
-
-    @torch.no_grad()
-    def step(self, theta: Tensor, grad: Tensor, lr_scale: Tensor, active: Tensor) -> None:
-        on = active.double()
-        col = lambda v: v.to(theta.dtype).unsqueeze(1)  # noqa: E731  [M] -> [M, 1]
-        self.step_count += active.long()
-        t = self.step_count.double().clamp(min=1)
-        bc1 = torch.where(self.bias_corrected, 1 - self.b1 ** t, torch.ones_like(t))
-        bc2 = torch.where(self.bias_corrected, 1 - self.b2 ** t, torch.ones_like(t))
-        g = grad + col(self.weight_decay) * theta
-        # an inactive model's state decays by 1 and takes in 0: it stays as it is
-        self.mom.mul_(col(1 - on * (1 - self.b1))).add_(g * col(on * self.c1))
-        self.sq.mul_(col(1 - on * (1 - self.b2))).add_(g * g * col(on * (1 - self.b2)))
-        denom = torch.sqrt(self.sq / col(bc2)).add_(self.eps) * col(self.adaptive)
-        denom.add_(col(1 - self.adaptive))
-        theta.sub_(self.mom / denom * col(on * self.lr * lr_scale / bc1))
-
-
-def lr_schedule(step: Tensor, total: Tensor, warmup_fraction: float) -> Tensor:
-    """Linear warm-up over ``ceil(warmup_fraction * total)`` steps, then cosine to 0.
-
-    Shapes: ``step``, ``total`` ``[M]`` int (``step`` 0-based) -> ``[M]`` float64.
-    """
-    step, total = step.double(), total.double()
-    warm = torch.ceil(warmup_fraction * total).clamp(min=1)
-    cosine = 0.5 * (1 + torch.cos(math.pi * (step - warm).clamp(min=0)
-                                  / (total - warm).clamp(min=1)))
-    return torch.where(step < warm, (step + 1) / warm, cosine)
+        check_sweep(self)
 
 
 # ----------------------------------------------------------------------------- training
@@ -428,75 +171,7 @@ def evaluate_stack(model: StackedTransformer, params: dict[str, Tensor], embed: 
 
     Shapes: tokens ``[N, T]``, labels ``[N]``, both on the parameters' device.
     """
-    correct, loss = 0, 0.0
-    for start in range(0, tokens.shape[0], batch_size):
-        ids, y = tokens[start: start + batch_size], labels[start: start + batch_size]
-        logits = model(params, embed(ids))  # [M, B, C]
-        correct = correct + (logits.argmax(-1) == y).sum(1)
-        loss = loss + F.cross_entropy(logits.transpose(1, 2), y.expand(logits.shape[0], -1),
-                                      reduction="none").sum(1)
-    return correct, loss / tokens.shape[0]
-
-
-@dataclass
-class ChunkResult:
-    """What training one chunk produced, per checkpoint epoch.
-
-    ``weights[e]``: ``[M, P]`` CPU float32; ``correct[e]``: ``[M]`` test-set correct counts;
-    ``test_loss[e]``, ``train_loss[e]``: ``[M]`` (train: mean batch loss over epoch ``e``).
-    """
-
-    weights: dict[int, Tensor]
-    correct: dict[int, Tensor]
-    test_loss: dict[int, Tensor]
-    train_loss: dict[int, Tensor]
-
-
-def _torch_seed(*key: int) -> int:
-    return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _runs_tensor(runs: list[dict], key: str, device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> Tensor:
-    """``[M]``: one hyperparameter of every run."""
-    return torch.tensor([r[key] for r in runs], dtype=dtype, device=device)
-
-
-def _init_theta(runs: list[dict], layout: ParamLayout, gen: torch.Generator,
-                device: torch.device) -> Tensor:
-    """``[M, P]``: weights trunc-normal (+-2 std) with each run's ``w_init_std``, biases 0."""
-    theta = torch.empty(len(runs), layout.size, device=device)
-    torch.nn.init.trunc_normal_(theta, std=1.0, a=-2.0, b=2.0, generator=gen)
-    theta.mul_(_runs_tensor(runs, "w_init_std", device).unsqueeze(1))
-    return theta.masked_fill_(layout.is_bias(device), 0.0)
-
-
-class _Batches:
-    """Each run's random training subset and, per epoch, its shuffled batches.
-
-    Run ``m`` owns ``n_m = round(train_fraction_m * N)`` documents and takes
-    ``steps_m = ceil(n_m / B)`` steps per epoch; its last batch wraps around to the
-    start of its permutation. Shapes: ``epoch_order() [M, N]``, ``batch(...) [M, B]``.
-    """
-
-    def __init__(self, runs: list[dict], n_docs: int, batch_size: int, gen: torch.Generator,
-                 device: torch.device) -> None:
-        self.gen, self.n_docs, self.m = gen, n_docs, len(runs)
-        frac = _runs_tensor(runs, "train_fraction", device, torch.float64)
-        self.n_own = (frac * n_docs).round().long().clamp(1, n_docs)
-        rank = torch.rand(self.m, n_docs, generator=gen, device=device).argsort(1).argsort(1)
-        self.member = rank < self.n_own.unsqueeze(1)
-        self.steps = (self.n_own + batch_size - 1) // batch_size
-        self.offsets = torch.arange(batch_size, device=device)
-
-    def epoch_order(self) -> Tensor:
-        """A fresh permutation per run with its own documents first."""
-        keys = torch.rand(self.m, self.n_docs, generator=self.gen, device=self.member.device)
-        return keys.masked_fill_(~self.member, 2.0).argsort(1)
-
-    def batch(self, order: Tensor, step: int) -> Tensor:
-        pos = (step * self.offsets.numel() + self.offsets) % self.n_own.unsqueeze(1)
-        return order.gather(1, pos)
+    return evaluate_logits(lambda a, b: model(params, embed(tokens[a:b])), labels, batch_size)
 
 
 def train_chunk(runs: list[dict], corpus: Corpus, embed: FrozenEmbedding, cfg: AGNewsZooConfig,
@@ -507,108 +182,35 @@ def train_chunk(runs: list[dict], corpus: Corpus, embed: FrozenEmbedding, cfg: A
     Randomness (init, training subsets, batch order, dropout) comes from one generator
     seeded by ``(cfg.seed, chunk)``: a chunk trains identically whenever it is redone
     (on the same device). Runs with fewer steps than others in an epoch sit out the
-    remaining steps (see :class:`_Batches`; :func:`plan_chunks` makes this rare).
+    remaining steps (see :class:`~._stacked.Batches`; :func:`plan_chunks` makes this rare).
     ``on_step(models)`` is called after every step with the progress made, in models;
     it may raise to abort.
     """
-    gen = torch.Generator(device=device).manual_seed(_torch_seed(cfg.seed, chunk, 0x7A))
-    m, layout = len(runs), ParamLayout.for_classes(num_classes)
+    gen = torch.Generator(device=device).manual_seed(torch_seed(cfg.seed, chunk, 0x7A))
+    layout = ParamLayout.for_classes(num_classes)
     model = StackedTransformer(layout)
-    theta = _init_theta(runs, layout, gen, device)
-    params = {k: v.requires_grad_() for k, v in layout.views(theta).items()}
-    opt = StackedOptimizer([r["optimizer"] for r in runs],
-                           _runs_tensor(runs, "lr", device, torch.float64),
-                           _runs_tensor(runs, "l2_regularize", device), layout.size)
-    dropout = None
-    if any(r["dropout"] > 0 for r in runs):
-        dropout = Dropout.from_rates(_runs_tensor(runs, "dropout", device), gen)
-    train_x, train_y = corpus.train_tokens.to(device), corpus.train_labels.to(device)
+    train_x = corpus.train_tokens.to(device)
     test_x, test_y = corpus.test_tokens.to(device), corpus.test_labels.to(device)
-    batches = _Batches(runs, train_x.shape[0], cfg.batch_size, gen, device)
-    total, max_steps = batches.steps * cfg.epochs, int(batches.steps.max())
 
-    result = ChunkResult({}, {}, {}, {})
-    for epoch in range(1, cfg.epochs + 1):
-        order = batches.epoch_order()
-        loss_sum = torch.zeros(m, device=device)
-        for step in range(max_steps):
-            active = step < batches.steps
-            idx = batches.batch(order, step)  # [M, B]
-            logits = model(params, embed(train_x[idx]), dropout)
-            losses = F.cross_entropy(logits.transpose(1, 2), train_y[idx], reduction="none")
-            losses = losses.mean(1)  # [M]
-            grads = torch.autograd.grad(losses.sum(), list(params.values()))
-            opt.step(theta, torch.cat([g.reshape(m, -1) for g in grads], 1),
-                     lr_schedule(opt.step_count, total, cfg.warmup_fraction), active)
-            loss_sum += losses.detach() * active
-            if on_step is not None:
-                on_step(m / (cfg.epochs * max_steps))
-        if epoch in cfg.ckpt_epochs:
-            correct, test_loss = evaluate_stack(model, params, embed, test_x, test_y,
-                                                cfg.eval_batch_size)
-            result.weights[epoch] = theta.detach().to("cpu", copy=True)
-            result.correct[epoch] = correct.cpu()
-            result.test_loss[epoch] = test_loss.cpu()
-            result.train_loss[epoch] = (loss_sum / batches.steps).cpu()
-    return result
+    def forward(params: dict[str, Tensor], idx: Tensor, dropout: Dropout | None) -> Tensor:
+        return model(params, embed(train_x[idx]), dropout)
+
+    def evaluate(params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return evaluate_stack(model, params, embed, test_x, test_y, cfg.eval_batch_size)
+
+    return train_stack(runs, layout, forward, evaluate, corpus.train_labels, cfg, gen, device,
+                       on_step)
 
 
 # ----------------------------------------------------------------------------- zoo files
 
-_CKPT_NAME = re.compile(r"(\d+)_(\d+)_(\d+)\.pt")  # run, epoch, int(acc*10000)
-
-
-def _ckpt_name(run: int, epoch: int, correct: int, total: int) -> str:
-    """``ag_news/<run>_<epoch>_<int(acc*10000)>.pt``, the accuracy field floored exactly."""
-    return f"ag_news/{run}_{epoch}_{correct * 10000 // total}.pt"
-
-
 def _read_metadata(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    return read_metadata(path)
 
 
 def _write_metadata(path: Path, rows: list[dict]) -> None:
     """Atomically replace the metadata CSV by ``rows`` (old rows plus a chunk's new ones)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METADATA_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _chunk_rows(runs: list[dict], result: ChunkResult, cfg: AGNewsZooConfig,
-                num_classes: int, n_test: int) -> list[dict]:
-    """Metadata rows of a trained chunk (run-major, epochs ascending)."""
-    rows = []
-    for i, run in enumerate(runs):
-        for epoch in sorted(result.weights):
-            correct = int(result.correct[epoch][i])
-            rows.append({
-                **run, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed,
-                "num_classes": num_classes, "ckpt_epoch": str(epoch),
-                "ckpt_file": _ckpt_name(run["run"], epoch, correct, n_test),
-                "test_accuracy": correct / n_test,
-                "test_loss": float(result.test_loss[epoch][i]),
-                "train_loss": float(result.train_loss[epoch][i])})
-    return rows
-
-
-def _write_checkpoints(root: Path, chunk: list[dict], rows: list[dict], result: ChunkResult,
-                       layout: ParamLayout) -> None:
-    """Write a chunk's checkpoint files, removing stale files of its runs first."""
-    position = {run["run"]: i for i, run in enumerate(chunk)}
-    keep = {r["ckpt_file"] for r in rows}
-    for stale in (root / "ag_news").glob("*.pt"):
-        match = _CKPT_NAME.fullmatch(stale.name)
-        if match and int(match[1]) in position and f"ag_news/{stale.name}" not in keep:
-            stale.unlink()
-    for row in rows:
-        weights = result.weights[int(row["ckpt_epoch"])][position[row["run"]]]
-        atomic_torch_save(layout.state_dict(weights), root / row["ckpt_file"], fsync=False)
-    fsync_paths([root / row["ckpt_file"] for row in rows])  # one batch: durable before the CSV
+    write_metadata(path, rows, METADATA_COLUMNS)
 
 
 def _readme(cfg: AGNewsZooConfig, corpus: Corpus, source: str) -> str:
@@ -680,15 +282,7 @@ def _open_zoo(root: Path, cfg: AGNewsZooConfig) -> tuple[Corpus, FrozenEmbedding
     """
     spec = root / "generator.json"
     if spec.exists():
-        stored = json.loads(spec.read_text())["config"]
-        new = cfg.identity()
-        diff = sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k))
-        if diff:
-            detail = "; ".join(f"{k}: zoo has {stored.get(k)!r}, config has {new.get(k)!r}"
-                               for k in diff)
-            raise ValueError(f"{root} holds a zoo generated with a different config "
-                             f"(differing keys: {', '.join(diff)}). {detail}. Use another root "
-                             "or the zoo's own config.")
+        check_identity(root, spec, cfg.identity())
         return load_zoo_inputs(root)
     if (root / METADATA).exists():
         raise ValueError(f"{root} has metadata/ag_news.csv but no generator.json: not a zoo "
@@ -702,53 +296,15 @@ def _open_zoo(root: Path, cfg: AGNewsZooConfig) -> tuple[Corpus, FrozenEmbedding
     return corpus, embed
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-@contextmanager
-def _intra_op_threads(n: int | None) -> Iterator[None]:
-    """Set torch's intra-op thread count for the block (``None``: leave it)."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
-
-
-class _Stopped(Exception):
-    """Raised inside a worker to abort its chunk."""
-
-
-def plan_chunks(runs: list[dict], size: int) -> list[list[dict]]:
-    """Split the runs into chunks of ``size`` trained together.
-
-    Runs are ordered by train fraction (largest first), then by run index, so that a
-    chunk's runs take the same number of steps per epoch: a run with fewer steps than
-    its chunk would compute in the others' extra steps for nothing.
-    """
-    ordered = sorted(runs, key=lambda r: (-r["train_fraction"], r["run"]))
-    return [ordered[i: i + size] for i in range(0, len(ordered), size)]
-
-
 def _save_chunk(root: Path, rows: list[dict], chunk: list[dict], result: ChunkResult,
                 cfg: AGNewsZooConfig, layout: ParamLayout, n_test: int) -> list[dict]:
     """Write a chunk's checkpoints, then the metadata with its rows; return all rows."""
     num_classes = layout.shapes[layout.names.index("classifier.fc2.weight")][0]
-    new_rows = _chunk_rows(chunk, result, cfg, num_classes, n_test)
-    _write_checkpoints(root, chunk, new_rows, result, layout)
-    runs = {r["run"] for r in chunk}
-    rows = [r for r in rows if int(r["run"]) not in runs] + new_rows
-    rows.sort(key=lambda r: (int(r["run"]), int(r["ckpt_epoch"])))
-    _write_metadata(root / METADATA, rows)
-    return rows
+    fixed = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed,
+             "num_classes": num_classes}
+    new_rows = chunk_rows(chunk, result, fixed, SUBDIR, n_test, "test_accuracy")
+    return save_chunk(root, SUBDIR, rows, chunk, new_rows, result, layout.state_dict,
+                      lambda all_rows: _write_metadata(root / METADATA, all_rows))
 
 
 def generate(cfg: AGNewsZooConfig | Mapping | None = None, **overrides) -> Path:
@@ -769,7 +325,7 @@ def generate(cfg: AGNewsZooConfig | Mapping | None = None, **overrides) -> Path:
     """
     cfg = AGNewsZooConfig.from_any(cfg, **overrides)
     root = Path(cfg.root)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     corpus, embed = _open_zoo(root, cfg)
     embed = embed.to(device)
     num_classes = cfg.num_classes or corpus.num_classes
@@ -787,36 +343,15 @@ def generate(cfg: AGNewsZooConfig | Mapping | None = None, **overrides) -> Path:
               "checkpoints): nothing to do")
         return root
 
-    cpu = device.type == "cpu"
-    workers = min(len(todo), (cfg.workers or torch.get_num_threads()) if cpu else 1)
-    done = cfg.num_models - sum(len(chunks[c]) for c in todo)
-    stop, lock, progress = threading.Event(), threading.Lock(), [0.0] * len(chunks)
-    with (tqdm(total=cfg.num_models, initial=done, unit="model", desc="AGNews zoo",
-               disable=not cfg.progress, smoothing=0.05, bar_format=_BAR) as bar,
-          _intra_op_threads(1 if cpu else None),
-          ThreadPoolExecutor(workers, thread_name_prefix="agnews-zoo") as pool):
+    n_test = corpus.test_labels.numel()
 
-        def advance(c: int, models: float) -> None:
-            if stop.is_set():
-                raise _Stopped
-            with lock:
-                progress[c] += models
-                bar.update(models)
+    def train(c: int, on_step: Callable[[float], None]) -> ChunkResult:
+        return train_chunk(chunks[c], corpus, embed, cfg, c, num_classes, device, on_step)
 
-        futures = {pool.submit(train_chunk, chunks[c], corpus, embed, cfg, c, num_classes,
-                               device, partial(advance, c)): c for c in todo}
-        try:
-            for future in as_completed(futures):
-                c = futures[future]
-                rows = _save_chunk(root, rows, chunks[c], future.result(), cfg, layout,
-                                   corpus.test_labels.numel())
-                with lock:  # saved chunks count exactly (no float drift in the bar)
-                    progress[c] = len(chunks[c])
-                    bar.n = done + sum(progress)
-                    bar.refresh()
-        except BaseException:
-            stop.set()
-            for future in futures:
-                future.cancel()
-            raise
+    def save(c: int, result: ChunkResult) -> None:
+        nonlocal rows
+        rows = _save_chunk(root, rows, chunks[c], result, cfg, layout, n_test)
+
+    run_chunks(chunks, todo, train, save, num_models=cfg.num_models, device=device,
+               workers=cfg.workers, progress=cfg.progress, desc="AGNews zoo")
     return root

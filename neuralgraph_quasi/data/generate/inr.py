@@ -89,7 +89,7 @@ class INRZooConfig:
     must match ``root/generator.json``.
     """
 
-    root: str = "zoos/inr_digits"
+    root: str = "data/inr_digits"
     num_models: int = 512
     seed: int = 0
     image_size: int = 28
