@@ -17,6 +17,7 @@ from typing import Any
 from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 
+from ..symmetry import RandomSymmetry
 from ._zoo import GraphZoo, ZooNotFoundError
 
 __all__ = ["make_zoo", "load_zoo"]
@@ -59,11 +60,16 @@ def load_zoo(cfg: Mapping | DictConfig, split: str = "train", *, generate: bool 
         generate: generate the zoo when its files are missing (else raise
             :class:`~neuralgraph_quasi.data.ZooNotFoundError`, which says how to get it).
         **overrides: loader options (e.g. ``transform=...``, ``min_accuracy=0.4``).
+
+    The config's optional ``augment`` section (``kinds``, ``scale_range``) adds a
+    :class:`~neuralgraph_quasi.symmetry.RandomSymmetry` transform to the train split.
     """
     cfg = _plain(cfg)
     target, options = _options(cfg["loader"])
     loader = get_class(target)
     options = {**options, **overrides}
+    if split == "train" and cfg.get("augment") and "transform" not in overrides:
+        options["transform"] = RandomSymmetry(**cfg["augment"])
     try:
         return loader(str(cfg["root"]), split=split, **options)
     except ZooNotFoundError:

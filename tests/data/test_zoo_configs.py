@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from neuralgraph_quasi.data import INRZoo, ZooNotFoundError, load_zoo, make_zoo
+from neuralgraph_quasi.symmetry import RandomSymmetry
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -37,3 +39,14 @@ def test_load_zoo_generates_a_missing_zoo_once_then_reads_it(tmp_path):
     stamp = (Path(cfg.root) / "generator.json").stat().st_mtime_ns
     assert make_zoo(cfg) == Path(cfg.root)  # complete: nothing regenerated
     assert (Path(cfg.root) / "generator.json").stat().st_mtime_ns == stamp
+
+
+def test_augment_section_adds_a_symmetry_transform_to_the_train_split_only(tmp_path):
+    cfg = _dataset_cfg("inr", tmp_path, "dataset.num_models=12", "dataset.generator.steps=5",
+                       "dataset.generator.image_size=8",
+                       "dataset.augment={kinds:[permutation,sign]}")
+    train, val = load_zoo(cfg, "train"), load_zoo(cfg, "val")
+    assert isinstance(train.transform, RandomSymmetry) and val.transform is None
+    assert train.transform.kinds == ("permutation", "sign")
+    plain = load_zoo(cfg, "train", transform=None)
+    assert not torch.equal(train[0].edge_attr, plain[0].edge_attr)

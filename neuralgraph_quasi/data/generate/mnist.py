@@ -41,7 +41,6 @@ from ...models import PatchEmbedding, TransformerClassifier
 from .._atomic import atomic_write_json, atomic_write_text
 from ..images import DIGITS_SPLIT_SEED, load_digits
 from ._stacked import (
-    OPTIMIZERS,
     ChunkResult,
     Dropout,
     ParamLayout,
@@ -115,7 +114,9 @@ class MNISTZooConfig(ZooConfigBase):
     batch_size: int = 8
     warmup_fraction: float = 0.1
     # sweep
-    optimizers: tuple[str, ...] = OPTIMIZERS
+    # {adam, rmsprop}: one of the published sweeps; with this step budget every plain-SGD and
+    # SGD-momentum run stayed at chance (measured), which only adds ties to the ranking task.
+    optimizers: tuple[str, ...] = ("adam", "rmsprop")
     lr_range: dict[str, tuple[float, float]] = field(default_factory=lambda: {
         "adam": (3e-4, 5e-3), "rmsprop": (1e-4, 2e-3), "sgd": (0.05, 1.0),
         "sgd_momentum": (5e-3, 0.1)})
