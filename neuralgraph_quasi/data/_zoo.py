@@ -204,6 +204,22 @@ class GraphZoo(Dataset):
                 values[row] = flat_from_graph(out).to(values.dtype)
         return values, ints, keep
 
+    def read_checkpoint(self, path: str) -> dict | None:
+        """A state_dict from ``path``, or ``None`` (logged, counted in ``skipped``) when the
+        file is corrupt, truncated or missing and ``on_corrupt="skip"``."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise ZooFormatError(f"{path}: not a state_dict ({type(state).__name__})")
+            return state
+        except Exception as exc:
+            if self.on_corrupt == "raise":
+                raise ZooFormatError(f"{path}: cannot read checkpoint: {exc}") from exc
+            self.skipped["unreadable checkpoints"] = (
+                self.skipped.get("unreadable checkpoints", 0) + 1)
+            log.warning("skipping unreadable checkpoint %s: %s", path, exc)
+            return None
+
     # -- loading and access -------------------------------------------------------
     def _load_cache(self) -> None:
         cache = self.__dict__.pop("_fresh", None) or torch.load(self.processed_paths[0],

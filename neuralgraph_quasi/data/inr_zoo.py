@@ -315,7 +315,7 @@ class INRZoo(GraphZoo):
         for entry in tqdm(entries, desc="reading INR checkpoints", unit="INR",
                           disable=not self.log):
             path = osp.join(self.root, entry["file"])
-            state = self._read_checkpoint(path)
+            state = self.read_checkpoint(path)
             if state is None:
                 continue
             state, layers = canonical_state(state, path)
@@ -337,20 +337,6 @@ class INRZoo(GraphZoo):
             log.info("INR zoo %s: %d architectures: %s", self.root, len(parts),
                      ", ".join(_describe(p.arch) for p in parts.values()))
         return list(parts.values())
-
-    def _read_checkpoint(self, path: str) -> dict | None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):
-                raise ZooFormatError(f"{path}: not a state_dict ({type(state).__name__})")
-            return state
-        except Exception as exc:  # a corrupt, truncated or missing checkpoint
-            if self.on_corrupt == "raise":
-                raise ZooFormatError(f"{path}: cannot read checkpoint: {exc}") from exc
-            self.skipped["unreadable checkpoints"] = self.skipped.get("unreadable checkpoints",
-                                                                      0) + 1
-            log.warning("skipping unreadable checkpoint %s: %s", path, exc)
-            return None
 
     # -- splits -------------------------------------------------------------------------
     def image_indices(self) -> Tensor:

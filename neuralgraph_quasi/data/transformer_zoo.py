@@ -128,7 +128,7 @@ class SmallTransformerZoo(GraphZoo):
         for row in tqdm(rows, desc=f"reading {self.name} checkpoints", unit="ckpt",
                         disable=not self.log):
             path = osp.join(self.root, row["ckpt_file"])
-            state = self._read_checkpoint(path)
+            state = self.read_checkpoint(path)
             if state is None:
                 continue
             stray = [k for k in state if _SPURIOUS.fullmatch(k)]
@@ -153,20 +153,6 @@ class SmallTransformerZoo(GraphZoo):
             part.targets = torch.tensor(part.targets)
             part.values = stackers[num_classes].result()
         return list(parts.values())
-
-    def _read_checkpoint(self, path: str):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):
-                raise ZooFormatError(f"{path}: not a state_dict ({type(state).__name__})")
-            return state
-        except Exception as exc:  # a corrupt, truncated or missing checkpoint
-            if self.on_corrupt == "raise":
-                raise ZooFormatError(f"{path}: cannot read checkpoint: {exc}") from exc
-            self.skipped["unreadable checkpoints"] = self.skipped.get("unreadable checkpoints",
-                                                                      0) + 1
-            log.warning("skipping unreadable checkpoint %s: %s", path, exc)
-            return None
 
     @staticmethod
     def _num_classes(state: dict, path: str) -> int:

@@ -37,8 +37,9 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from ... import models
 from .._atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 from ..images import load_digits
 from ..inr_zoo import LABELS_FILE, coordinate_grid
+from ._stacked import ZooConfigBase
 
 __all__ = ["INRZooConfig", "generate", "init_params", "stacked_forward", "fit_chunk",
            "psnr", "MANIFEST_COLUMNS"]
@@ -67,7 +69,7 @@ _FORMAT = {
 # ----------------------------------------------------------------------------- config
 
 @dataclass
-class INRZooConfig:
+class INRZooConfig(ZooConfigBase):
     """Everything that defines a digits INR zoo. Defaults: the CPU zoo (512 INRs, ~30 s).
 
     Data: the first ``num_models`` (<= 1,797) digits of ``load_digits(image_size)``
@@ -88,6 +90,9 @@ class INRZooConfig:
     ``num_threads`` and ``progress`` may change between runs of one zoo; any other key
     must match ``root/generator.json``.
     """
+
+    _label: ClassVar[str] = "INR"
+    _RUNTIME_KEYS: ClassVar[tuple[str, ...]] = _RUNTIME_KEYS
 
     root: str = "data/inr_digits"
     num_models: int = 512
@@ -112,28 +117,6 @@ class INRZooConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-
-    @classmethod
-    def from_any(cls, cfg: INRZooConfig | Mapping | None = None, **overrides) -> INRZooConfig:
-        """A config from a dataclass, a mapping (e.g. a hydra ``DictConfig``) or keywords."""
-        if isinstance(cfg, INRZooConfig):
-            data = asdict(cfg)
-        else:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(cfg, DictConfig):
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-            data = dict(cfg or {})
-        data.update(overrides)
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown INR zoo config keys: {unknown}")
-        return cls(**data)
-
-    def identity(self) -> dict:
-        """The keys that define the zoo's contents, JSON-normalised."""
-        data = {k: v for k, v in asdict(self).items() if k not in _RUNTIME_KEYS}
-        return json.loads(json.dumps(data))
 
 
 # ----------------------------------------------------------------------------- fitting
