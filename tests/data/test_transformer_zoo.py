@@ -119,3 +119,22 @@ def test_batches_and_augmentation(zoo_root):
         a = to_model(plain[0], plain.make_model())(x)
         b = to_model(data[0], data.make_model())(x)
     assert torch.allclose(a, b, atol=1e-4)  # same function (float32)
+
+
+def test_pre_transform_is_applied_once_into_its_own_cache_and_pre_filter_drops(zoo_root):
+    plain = SmallTransformerZoo(zoo_root, split="all", log=False)
+    symmetric = symmetry.RandomSymmetry(kinds=["permutation", "head_permutation"],
+                                        generator=torch.Generator().manual_seed(0))
+    moved = SmallTransformerZoo(zoo_root, split="all", log=False, pre_transform=symmetric)
+    assert moved.processed_dir != plain.processed_dir
+    assert not torch.equal(moved[0].edge_attr, plain[0].edge_attr)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():  # permutations are exact: same outputs up to float32 summation order
+        a = to_model(plain[0], plain.make_model())(x)
+        b = to_model(moved[0], moved.make_model())(x)
+    assert torch.allclose(a, b, atol=1e-5)
+    again = SmallTransformerZoo(zoo_root, split="all", log=False, pre_transform=symmetric)
+    assert torch.equal(again[0].edge_attr, moved[0].edge_attr)  # cached, not redrawn
+    kept = SmallTransformerZoo(zoo_root, split="all", log=False,
+                               pre_filter=lambda g: g.y.item() >= 0.6)
+    assert len(kept) == 4 and kept.skipped["non-finite or filtered"] == 4
