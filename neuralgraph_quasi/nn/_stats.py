@@ -1,0 +1,98 @@
+"""Statistics of every parameter tensor of every network in a batch, by segment operations.
+
+The input of the α-map (and of the STATNN baseline): for each weight and bias tensor of
+each graph, its mean, population variance and 0/0.25/0.5/0.75/1 quantiles. Values are
+read where the graph keeps them (edge vectors up to their true kernel size, node slots),
+grouped into segments ``(graph, parameter id)``, and reduced with scatter operations and
+one segmented sort: no loop over graphs or tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch_geometric.utils import scatter
+
+__all__ = ["TensorStatistics", "tensor_statistics", "QUANTILES", "NUM_STATS"]
+
+#: Quantile levels, as in "Quasi-Equivariant Metanetworks" (Appendix B.1).
+QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: Statistics per tensor: mean, variance, then the quantiles.
+NUM_STATS = 2 + len(QUANTILES)
+
+
+@dataclass(frozen=True)
+class TensorStatistics:
+    """Statistics of the parameter tensors of a batch of graphs.
+
+    Attributes:
+        stats: ``[S, 7]`` mean, population variance, quantiles 0/.25/.5/.75/1 per segment.
+        graph: ``[S]`` graph of each segment (0 for a single graph).
+        param: ``[S]`` parameter id of each segment within its graph (``graph.params`` order).
+        count: ``[S]`` number of values in each segment.
+    """
+
+    stats: Tensor
+    graph: Tensor
+    param: Tensor
+    count: Tensor
+
+
+def _values(batch) -> tuple[Tensor, Tensor, Tensor]:
+    """Every parameter value the batch holds, with its graph and parameter id."""
+    device = batch.edge_attr.device
+    node_graph = batch.batch if getattr(batch, "batch", None) is not None else \
+        torch.zeros(batch.num_nodes, dtype=torch.long, device=device)
+    has = batch.edge_param >= 0
+    length = torch.where(has, batch.edge_kshape.prod(-1), 0)
+    mask = torch.arange(batch.edge_attr.size(1), device=device) < length[:, None]
+    rows = mask.nonzero()[:, 0]
+    edge_values = batch.edge_attr[mask]
+    edge_graph = node_graph[batch.edge_index[1, rows]]
+    edge_param = batch.edge_param[rows]
+    slot = batch.node_param >= 0
+    nodes = slot.nonzero()[:, 0]
+    return (torch.cat([edge_values, batch.x[slot]]),
+            torch.cat([edge_graph, node_graph[nodes]]),
+            torch.cat([edge_param, batch.node_param[slot]]))
+
+
+def tensor_statistics(batch) -> TensorStatistics:
+    """Mean, population variance and quantiles of every parameter tensor in ``batch``.
+
+    Args:
+        batch: a :class:`~neuralgraph_quasi.NeuralGraph` or a batch of them.
+
+    Returns:
+        :class:`TensorStatistics`, segments sorted by ``(graph, param)``. Quantiles
+        interpolate linearly between order statistics, as :func:`torch.quantile` does.
+    """
+    values, graph, param = _values(batch)
+    num_params = int(param.max()) + 1 if param.numel() else 1
+    segment_key = graph * num_params + param
+    keys, segment = torch.unique(segment_key, return_inverse=True)
+    num_segments = keys.numel()
+
+    count = scatter(torch.ones_like(values), segment, 0, dim_size=num_segments, reduce="sum")
+    mean = scatter(values, segment, 0, dim_size=num_segments, reduce="mean")
+    var = scatter((values - mean[segment]) ** 2, segment, 0, dim_size=num_segments,
+                  reduce="mean")
+
+    # segmented sort: by value, then (stably) by segment
+    order = torch.argsort(values)
+    order = order[torch.argsort(segment[order], stable=True)]
+    ordered = values[order]
+    counts = count.long()
+    starts = torch.cumsum(counts, 0) - counts
+    levels = torch.tensor(QUANTILES, dtype=values.dtype, device=values.device)
+    position = levels[None, :] * (counts[:, None] - 1).to(values.dtype)
+    lo = position.floor().long()
+    hi = position.ceil().long()
+    frac = position - lo.to(values.dtype)
+    low, high = ordered[starts[:, None] + lo], ordered[starts[:, None] + hi]
+    quantiles = low + frac * (high - low)
+
+    stats = torch.cat([mean[:, None], var[:, None], quantiles], dim=1)
+    return TensorStatistics(stats, keys // num_params, keys % num_params, counts)
