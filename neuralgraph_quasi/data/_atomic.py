@@ -8,10 +8,12 @@ interrupted, the temporary file is removed and the destination is untouched.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -70,6 +72,21 @@ def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) ->
 def atomic_write_json(path: str | os.PathLike, obj: Any, fsync: bool = True) -> None:
     """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", fsync=fsync)
+
+
+def csv_text(rows: list[dict], columns: Sequence[str]) -> str:
+    """``rows`` as CSV text with header ``columns`` and ``\\n`` line ends."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def atomic_write_csv(path: str | os.PathLike, rows: list[dict], columns: Sequence[str],
+                     fsync: bool = True) -> None:
+    """Write ``rows`` as a CSV with header ``columns`` atomically."""
+    atomic_write_text(path, csv_text(rows, columns), fsync=fsync)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike, fsync: bool = True) -> None:

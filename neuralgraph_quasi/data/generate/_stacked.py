@@ -16,7 +16,6 @@ Used by :mod:`.agnews` and :mod:`.mnist`.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import re
@@ -36,18 +35,23 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...models import TransformerClassifier
-from .._atomic import atomic_torch_save, atomic_write_text, fsync_paths
+from .._atomic import atomic_torch_save, fsync_paths
 
-__all__ = ["OPTIMIZERS", "DIM", "HEADS", "SWEEP_KEYS", "ZooConfigBase", "check_sweep",
+__all__ = ["OPTIMIZERS", "DIM", "HEADS", "SWEEP_KEYS", "L2_GRID", "TRAIN_FRACTION_GRID",
+           "DROPOUT_GRID", "ZooConfigBase", "check_sweep",
            "sample_runs", "ParamLayout", "StackedTransformer", "StackedOptimizer", "Dropout",
            "lr_schedule", "ChunkResult", "torch_seed", "runs_tensor", "init_theta", "Batches",
-           "train_stack", "plan_chunks", "chunk_rows", "read_metadata", "write_metadata",
+           "train_stack", "plan_chunks", "chunk_rows", "read_metadata",
            "save_chunk", "check_identity", "resolve_device", "run_chunks"]
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "sgd_momentum")
 DIM, HEADS = 32, 2  # the Small Transformer Zoo architecture (TransformerClassifier's defaults)
 #: Hyperparameters drawn uniformly from a grid per run (after the optimizer and its lr).
 SWEEP_KEYS = ("w_init_std", "l2_regularize", "train_fraction", "dropout")
+#: The grids both transformer zoos sweep (the Small Transformer Zoo's own values).
+L2_GRID = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2)
+TRAIN_FRACTION_GRID = (1.0, 0.9, 0.8, 0.7)
+DROPOUT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2)
 
 
 # ----------------------------------------------------------------------------- config
@@ -509,15 +513,6 @@ def read_metadata(path: Path) -> list[dict]:
         return []
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
-
-
-def write_metadata(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
-    """Atomically replace the metadata CSV by ``rows`` (old rows plus a chunk's new ones)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
 
 
 def chunk_rows(runs: list[dict], result: ChunkResult, fixed: Mapping[str, Any], subdir: str,

@@ -32,10 +32,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._atomic import atomic_torch_save, atomic_write_json, atomic_write_text
+from .._atomic import atomic_torch_save, atomic_write_csv, atomic_write_json, atomic_write_text
 from ._stacked import (
     DIM,
+    DROPOUT_GRID,
+    L2_GRID,
     OPTIMIZERS,
+    TRAIN_FRACTION_GRID,
     ChunkResult,
     Dropout,
     ParamLayout,
@@ -55,7 +58,6 @@ from ._stacked import (
     save_chunk,
     torch_seed,
     train_stack,
-    write_metadata,
 )
 from .corpus import (
     Corpus,
@@ -146,9 +148,9 @@ class AGNewsZooConfig(ZooConfigBase):
         "adam": (1e-4, 1e-2), "rmsprop": (5e-5, 3e-3), "sgd": (5e-3, 0.3),
         "sgd_momentum": (5e-4, 3e-2)})
     w_init_std: tuple[float, ...] = (0.08, 0.12, 0.2, 0.3, 0.5)
-    l2_regularize: tuple[float, ...] = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2)
-    train_fraction: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7)
-    dropout: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2)
+    l2_regularize: tuple[float, ...] = L2_GRID
+    train_fraction: tuple[float, ...] = TRAIN_FRACTION_GRID
+    dropout: tuple[float, ...] = DROPOUT_GRID
     # execution
     models_per_chunk: int = 64
     eval_batch_size: int = 50
@@ -210,7 +212,7 @@ def _read_metadata(path: Path) -> list[dict]:
 
 def _write_metadata(path: Path, rows: list[dict]) -> None:
     """Atomically replace the metadata CSV by ``rows`` (old rows plus a chunk's new ones)."""
-    write_metadata(path, rows, METADATA_COLUMNS)
+    atomic_write_csv(path, rows, METADATA_COLUMNS)
 
 
 def _readme(cfg: AGNewsZooConfig, corpus: Corpus, source: str) -> str:

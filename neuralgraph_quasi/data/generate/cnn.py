@@ -28,8 +28,6 @@ Members take images ``[B, 1, image_size, image_size]`` in ``[0, 1]`` (28 by defa
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -42,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._atomic import atomic_open, atomic_write_json, atomic_write_text
+from .._atomic import atomic_open, atomic_write_csv, atomic_write_json
 from ..cnn_zoo import METRICS_COLUMNS, CNNLayout, small_cnn, standard_layout, torch_to_tf
 from ..images import load_digits
 from ._stacked import (
@@ -491,14 +489,6 @@ def _metrics_rows(runs: list[dict], metrics: dict[int, dict[str, np.ndarray]],
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-
-
 def _assemble(root: Path, runs: list[dict], chunks: list[list[dict]], cfg: CNNZooConfig,
               layout: CNNLayout) -> None:
     """``layout.csv``, ``weights.npy`` and (last, marking completion) ``metrics.csv``.
@@ -506,7 +496,8 @@ def _assemble(root: Path, runs: list[dict], chunks: list[list[dict]], cfg: CNNZo
     ``weights.npy`` is streamed one shard at a time: row ``run * S + j`` sits at a
     fixed offset, so the zoo never has to fit in memory.
     """
-    _write_csv(root / "layout.csv", layout.rows(), ("varname", "start_idx", "end_idx", "shape"))
+    atomic_write_csv(root / "layout.csv", layout.rows(),
+                     ("varname", "start_idx", "end_idx", "shape"))
     metrics = {}
     run_bytes = len(cfg.steps) * layout.size * 4
     with atomic_open(root / "weights.npy", "wb") as handle:
@@ -522,7 +513,7 @@ def _assemble(root: Path, runs: list[dict], chunks: list[list[dict]], cfg: CNNZo
                 handle.seek(offset + run * run_bytes)
                 handle.write(np.ascontiguousarray(result.weights[i], dtype="<f4").tobytes())
                 metrics[run] = {name: getattr(result, name)[i] for name in _METRICS}
-    _write_csv(root / "metrics.csv", _metrics_rows(runs, metrics, cfg), METRICS_COLUMNS)
+    atomic_write_csv(root / "metrics.csv", _metrics_rows(runs, metrics, cfg), METRICS_COLUMNS)
 
 
 def _open_zoo(root: Path, cfg: CNNZooConfig) -> None:

@@ -32,8 +32,6 @@ minimum 54 dB; 8x8: 140 INRs/s. Two threads were slower than one on the busy mac
 from __future__ import annotations
 
 import csv
-import io
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -47,10 +45,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ... import models
-from .._atomic import atomic_torch_save, atomic_write_json, atomic_write_text
+from .._atomic import (
+    atomic_torch_save,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    csv_text,
+)
 from ..images import load_digits
 from ..inr_zoo import LABELS_FILE, coordinate_grid
-from ._stacked import ZooConfigBase
+from ._stacked import ZooConfigBase, check_identity
 
 __all__ = ["INRZooConfig", "generate", "init_params", "stacked_forward", "fit_chunk",
            "psnr", "MANIFEST_COLUMNS"]
@@ -211,14 +215,6 @@ def _shard_path(root: Path, start: int, stop: int) -> Path:
     return root / "manifest" / f"chunk_{start:05d}_{stop:05d}.csv"
 
 
-def _csv_text(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def _chunk_done(root: Path, start: int, stop: int, files: list[str]) -> bool:
     """A chunk is done when its manifest shard and all its files exist."""
     return _shard_path(root, start, stop).exists() and all((root / f).exists() for f in files)
@@ -236,22 +232,14 @@ def _write_chunk(root: Path, start: int, stop: int, files: list[str], labels: Te
     rows = [{"file": f, "label": int(labels[j]), "idx": start + j, "mse": f"{float(e):.6g}",
              "psnr": f"{float(p):.2f}"}
             for j, (f, e, p) in enumerate(zip(files, mse.cpu(), psnr(mse).cpu(), strict=True))]
-    atomic_write_text(_shard_path(root, start, stop), _csv_text(rows))
+    atomic_write_csv(_shard_path(root, start, stop), rows, MANIFEST_COLUMNS)
 
 
 def _open_zoo(root: Path, cfg: INRZooConfig) -> None:
     """Check ``root/generator.json`` against ``cfg``, or write it for a new zoo."""
     spec = root / "generator.json"
     if spec.exists():
-        stored = json.loads(spec.read_text())["config"]
-        new = cfg.identity()
-        diff = sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k))
-        if diff:
-            detail = "; ".join(f"{k}: zoo has {stored.get(k)!r}, config has {new.get(k)!r}"
-                               for k in diff)
-            raise ValueError(f"{root} holds an INR zoo generated with a different config "
-                             f"(differing keys: {', '.join(diff)}). {detail}. Use another root "
-                             "or the zoo's own config.")
+        check_identity(root, spec, cfg.identity())
         return
     if (root / LABELS_FILE).exists():
         raise ValueError(f"{root} has {LABELS_FILE} but no generator.json: not a zoo written "
@@ -272,7 +260,7 @@ def _write_labels(root: Path, chunks: list[tuple[int, int]]) -> list[dict]:
     for start, stop in chunks:
         with open(_shard_path(root, start, stop), newline="", encoding="utf-8") as handle:
             rows += list(csv.DictReader(handle))
-    text = _csv_text(rows)
+    text = csv_text(rows, MANIFEST_COLUMNS)
     path = root / LABELS_FILE
     if not path.exists() or path.read_text(encoding="utf-8") != text:
         atomic_write_text(path, text)

@@ -38,9 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...models import PatchEmbedding, TransformerClassifier
-from .._atomic import atomic_write_json, atomic_write_text
+from .._atomic import atomic_write_csv, atomic_write_json, atomic_write_text
 from ..images import DIGITS_SPLIT_SEED, load_digits
 from ._stacked import (
+    DROPOUT_GRID,
+    L2_GRID,
+    TRAIN_FRACTION_GRID,
     ChunkResult,
     Dropout,
     ParamLayout,
@@ -58,7 +61,6 @@ from ._stacked import (
     save_chunk,
     torch_seed,
     train_stack,
-    write_metadata,
 )
 from .corpus import sinusoidal_positions
 
@@ -121,9 +123,9 @@ class MNISTZooConfig(ZooConfigBase):
         "adam": (3e-4, 5e-3), "rmsprop": (1e-4, 2e-3), "sgd": (0.05, 1.0),
         "sgd_momentum": (5e-3, 0.1)})
     w_init_std: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)  # below ~0.15 runs stay at chance
-    l2_regularize: tuple[float, ...] = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2)
-    train_fraction: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7)
-    dropout: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2)
+    l2_regularize: tuple[float, ...] = L2_GRID
+    train_fraction: tuple[float, ...] = TRAIN_FRACTION_GRID
+    dropout: tuple[float, ...] = DROPOUT_GRID
     # execution
     models_per_chunk: int = 64
     eval_batch_size: int = 150
@@ -251,7 +253,7 @@ def train_chunk(runs: list[dict], train: tuple[Tensor, Tensor], test: tuple[Tens
 # ----------------------------------------------------------------------------- zoo files
 
 def _write_metadata(path: Path, rows: list[dict]) -> None:
-    write_metadata(path, rows, METADATA_COLUMNS)
+    atomic_write_csv(path, rows, METADATA_COLUMNS)
 
 
 def _data_note(cfg: MNISTZooConfig, n_train: int, n_test: int) -> str:
