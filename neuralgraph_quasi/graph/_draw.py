@@ -108,13 +108,15 @@ def draw(graph, path: str | Path | None = None, *, title: str | None = None,
     if chosen.numel() > max_edges:
         chosen = chosen[torch.topk(strength[chosen].abs(), max_edges).indices]
     segments = torch.stack([pos[src[chosen]], pos[dst[chosen]]], dim=1).numpy()
-    colours = []
-    for e in chosen.tolist():
-        role = int(graph.edge_role[e])
-        alpha = 0.08 + 0.8 * abs(float(strength[e])) / max(scale, 1e-12)
-        rgb = _ROLE_COLOURS.get(Role(role)) if role else ("#2166ac" if strength[e] >= 0
-                                                         else "#b2182b")
-        colours.append(matplotlib.colors.to_rgba(rgb, alpha))
+    # colour by role (attention) or sign (other weights), opacity by magnitude; one lookup
+    # table indexed per edge instead of a Python loop over edges
+    to_rgb = matplotlib.colors.to_rgb
+    palette = torch.tensor([to_rgb("#2166ac"), to_rgb("#b2182b")]
+                           + [to_rgb(_ROLE_COLOURS[r]) for r in (Role.Q, Role.K, Role.V, Role.O)])
+    role = graph.edge_role[chosen]
+    index = torch.where(role > 0, role + 1, (strength[chosen] < 0).long())
+    alpha = 0.08 + 0.8 * strength[chosen].abs().double() / max(scale, 1e-12)
+    colours = torch.cat([palette[index], alpha[:, None]], dim=1).numpy()
     ax.add_collection(LineCollection(segments, colors=colours, linewidths=0.6, zorder=1))
 
     structural = [
