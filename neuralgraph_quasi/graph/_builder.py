@@ -19,9 +19,10 @@ from torch import Tensor
 from .._errors import ConversionError
 from ._schema import NUM_SLOTS, Act, NodeType
 
-__all__ = ["Builder", "Stream", "Template"]
+__all__ = ["Builder", "Stream", "Template", "FIXED", "MIXED"]
 
 FIXED = 0  # permutation class of units no symmetry may move (inputs, outputs)
+MIXED = -2  # the "class" of a concatenation of blocks of different classes (see Stream.parts)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class Stream:
         spatial: spatial shape per channel, when known (pooled maps).
         tokens: whether a token axis precedes the feature axis.
         has_act: whether an activation was already applied to ``nodes``.
+        parts: for a concatenation of blocks (``torch.cat`` in a traced forward), the
+            permutation classes of its pieces, in order; ``perm`` is then ``MIXED`` and
+            only weighted layers, activations and reshapes may consume the stream.
     """
 
     nodes: Tensor
@@ -45,6 +49,7 @@ class Stream:
     spatial: tuple[int, ...] | None = None
     tokens: bool = False
     has_act: bool = False
+    parts: tuple[int, ...] = ()
 
     @property
     def width(self) -> int:
@@ -155,6 +160,10 @@ class Builder:
             c = self._parent[c]
         return c
 
+    def node_values(self, key: str, ids: Tensor) -> Tensor:
+        """Attribute ``key`` (e.g. ``"node_type"``, ``"node_layer"``) of nodes ``ids``."""
+        return torch.cat([c[key] for c in self._nodes])[ids]
+
     def couple(self, a: int, b: int) -> None:
         """Units of classes ``a`` and ``b`` must be permuted together (unit i with unit i)."""
         ra, rb = self._find(a), self._find(b)
@@ -228,7 +237,8 @@ class Builder:
         out_nodes = output.nodes
         hidden = nodes["node_type"][out_nodes] == NodeType.HIDDEN
         nodes["node_type"][out_nodes[hidden]] = int(NodeType.OUTPUT)
-        self.couple(output.perm, FIXED)
+        for c in output.parts or (output.perm,):
+            self.couple(c, FIXED)
 
         roots = torch.tensor([self._find(c) for c in range(len(self._parent))])
         free = torch.unique(roots[roots != FIXED])

@@ -12,18 +12,27 @@ from torch import Tensor, nn
 from .._errors import ConversionError
 from ._builder import Builder, Template
 from ._converters import convert
+from ._fx import is_direct, trace_convert
 from ._schema import NeuralGraph
 
 __all__ = ["to_graph", "to_model", "to_graphs", "template", "stack_values", "StateStacker",
            "graph_from_values", "flat_from_graph"]
 
 
-def template(model: nn.Module) -> tuple[Template, Tensor, Tensor]:
-    """The graph structure of ``model``, its flat float values and its integer buffers."""
+def template(model: nn.Module, example_input=None) -> tuple[Template, Tensor, Tensor]:
+    """The graph structure of ``model``, its flat float values and its integer buffers.
+
+    Known modules and ``nn.Sequential`` s of them convert directly; any other module is
+    traced with ``torch.fx`` (``example_input``, optional, gives shapes: see
+    :func:`to_graph`).
+    """
     if not isinstance(model, nn.Module):
         raise ConversionError(f"expected an nn.Module, got {type(model).__name__}")
     b = Builder()
-    out = convert(b, model, "", None)
+    if is_direct(model):
+        out = convert(b, model, "", None)
+    else:
+        out = trace_convert(b, model, example_input)
     tpl = b.finish(out, type(model).__qualname__)
     held = {p["name"] for p in tpl.params}
     missing = [name for name, _ in model.named_parameters() if name not in held]
@@ -69,13 +78,19 @@ def _graph(tpl: Template, edge_attr: Tensor, x: Tensor, ints: Tensor,
     return graph
 
 
-def to_graph(model: nn.Module, allow_nonfinite: bool = False) -> NeuralGraph:
+def to_graph(model: nn.Module, example_input=None, allow_nonfinite: bool = False
+             ) -> NeuralGraph:
     """Convert a network to a :class:`NeuralGraph`.
 
     Args:
         model: an ``nn.Sequential`` (nested too) of supported layers, an
-            attention module, a transformer layer, or one of the zoo
-            architectures of :mod:`neuralgraph_quasi.models`.
+            attention module, a transformer layer, one of the zoo
+            architectures of :mod:`neuralgraph_quasi.models`, or any other
+            ``nn.Module``, whose forward is then traced with ``torch.fx``
+            (see ``docs/graph.md``).
+        example_input: a tensor (or tuple of tensors) the model accepts, used
+            only when tracing: its shapes tell whether the input has a token
+            axis and give the spatial shape of a flattened feature map.
         allow_nonfinite: convert weights holding NaN or Inf instead of raising.
 
     Returns:
@@ -83,9 +98,11 @@ def to_graph(model: nn.Module, allow_nonfinite: bool = False) -> NeuralGraph:
 
     Raises:
         ConversionError: for an unsupported module (naming its path and
-            type), a width mismatch between layers, or non-finite weights.
+            type) or traced operation (naming the fx node, its op and target
+            and the module path), a width mismatch between layers, or
+            non-finite weights.
     """
-    tpl, flat, ints = template(model)
+    tpl, flat, ints = template(model, example_input)
     if not allow_nonfinite:
         _check_finite(tpl, flat)
     edge_attr, x = tpl.materialize(flat)
@@ -93,7 +110,8 @@ def to_graph(model: nn.Module, allow_nonfinite: bool = False) -> NeuralGraph:
 
 
 def to_graphs(like: nn.Module, states: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor],
-              allow_nonfinite: bool = False, chunk: int = 4096) -> list[NeuralGraph]:
+              allow_nonfinite: bool = False, chunk: int = 4096, example_input=None
+              ) -> list[NeuralGraph]:
     """Convert many networks of ``like``'s architecture at once.
 
     The structure is built once from ``like``; all values are gathered with
@@ -108,12 +126,13 @@ def to_graphs(like: nn.Module, states: Sequence[Mapping[str, Tensor]] | Mapping[
             may be present and are ignored.
         allow_nonfinite: keep models holding NaN or Inf instead of raising.
         chunk: models gathered per indexing operation (bounds memory).
+        example_input: passed to the tracer for a traced ``like`` (see :func:`to_graph`).
 
     Raises:
         ConversionError: naming the state and key for a missing or unknown
             key or a wrong shape, or the model and parameter holding NaN/Inf.
     """
-    tpl, flat, ints = stack_values(like, states)
+    tpl, flat, ints = stack_values(like, states, example_input)
     if not allow_nonfinite and flat.numel():
         # min and max are finite iff every value is (NaN propagates): a cheap test
         # before the exact one, which names the first bad model and parameter
@@ -133,10 +152,11 @@ def to_graphs(like: nn.Module, states: Sequence[Mapping[str, Tensor]] | Mapping[
     return graphs
 
 
-def stack_values(like: nn.Module, states) -> tuple[Template, Tensor, Tensor]:
+def stack_values(like: nn.Module, states, example_input=None
+                 ) -> tuple[Template, Tensor, Tensor]:
     """``like``'s template and the flat values ``[M, P]`` and integer buffers ``[M, k]``
     of many same-architecture states (see :func:`to_graphs` for ``states``)."""
-    tpl, _, _ = template(like)
+    tpl, _, _ = template(like, example_input)
     ignorable = {name for name, _ in like.named_buffers()}
     return (tpl, *_stack_states(tpl, states, ignorable))
 
@@ -172,10 +192,10 @@ class StateStacker:
         self.count = 0
 
     @classmethod
-    def for_model(cls, like: nn.Module, capacity: int) -> StateStacker:
+    def for_model(cls, like: nn.Module, capacity: int, example_input=None) -> StateStacker:
         """A stacker for ``like``'s architecture (its buffers not held by a graph may be
         present in the states and are ignored)."""
-        tpl, _, _ = template(like)
+        tpl, _, _ = template(like, example_input)
         return cls(tpl, capacity, {name for name, _ in like.named_buffers()})
 
     def add(self, state: Mapping[str, Tensor], where: str = "") -> None:
@@ -273,10 +293,11 @@ def _fingerprint(structure: Mapping[str, Tensor]) -> tuple:
     )
 
 
-def to_model(graph: NeuralGraph, like: nn.Module) -> nn.Module:
+def to_model(graph: NeuralGraph, like: nn.Module, example_input=None) -> nn.Module:
     """A deep copy of ``like`` whose parameters all come from ``graph``.
 
-    Only ``like``'s structure is used; its values are ignored. The result's
+    Only ``like``'s structure is used; its values are ignored. A traced ``like``
+    takes the ``example_input`` it was converted with, if any. The result's
     values are bit-for-bit those the graph holds, in the graph's dtype (when
     the graph still has the dtype it was created with, each parameter gets
     back its own original dtype).
@@ -287,7 +308,7 @@ def to_model(graph: NeuralGraph, like: nn.Module) -> nn.Module:
     """
     if not isinstance(graph.spec, str):
         raise ConversionError("to_model takes one graph; split a batch with to_data_list()")
-    tpl, _, _ = template(like)
+    tpl, _, _ = template(like, example_input)
     held = {p["name"]: p for p in graph.params}
     for p in tpl.params:
         q = held.get(p["name"])

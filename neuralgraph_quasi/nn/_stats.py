@@ -32,16 +32,23 @@ class TensorStatistics:
         graph: ``[S]`` graph of each segment (0 for a single graph).
         param: ``[S]`` parameter id of each segment within its graph (``graph.params`` order).
         count: ``[S]`` number of values in each segment.
+        layer: ``[S]`` ``node_layer`` where the tensor's values sit (the destination layer
+            of its edges, or the layer of the nodes holding it).
+        on_nodes: ``[S]`` True for tensors held in node slots (biases, norm parameters),
+            False for tensors held on edges (weights).
     """
 
     stats: Tensor
     graph: Tensor
     param: Tensor
     count: Tensor
+    layer: Tensor
+    on_nodes: Tensor
 
 
-def _values(batch) -> tuple[Tensor, Tensor, Tensor]:
-    """Every parameter value the batch holds, with its graph and parameter id."""
+def _values(batch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Every parameter value the batch holds: its graph, parameter id, layer, and whether
+    it sits in a node slot."""
     device = batch.edge_attr.device
     node_graph = batch.batch if getattr(batch, "batch", None) is not None else \
         torch.zeros(batch.num_nodes, dtype=torch.long, device=device)
@@ -54,9 +61,12 @@ def _values(batch) -> tuple[Tensor, Tensor, Tensor]:
     edge_param = batch.edge_param[rows]
     slot = batch.node_param >= 0
     nodes = slot.nonzero()[:, 0]
+    layer = torch.cat([batch.edge_layer[rows], batch.node_layer[nodes]])
+    on_nodes = torch.cat([torch.zeros_like(rows, dtype=torch.bool),
+                          torch.ones_like(nodes, dtype=torch.bool)])
     return (torch.cat([edge_values, batch.x[slot]]),
             torch.cat([edge_graph, node_graph[nodes]]),
-            torch.cat([edge_param, batch.node_param[slot]]))
+            torch.cat([edge_param, batch.node_param[slot]]), layer, on_nodes)
 
 
 def tensor_statistics(batch) -> TensorStatistics:
@@ -69,7 +79,7 @@ def tensor_statistics(batch) -> TensorStatistics:
         :class:`TensorStatistics`, segments sorted by ``(graph, param)``. Quantiles
         interpolate linearly between order statistics, as :func:`torch.quantile` does.
     """
-    values, graph, param = _values(batch)
+    values, graph, param, layer, on_nodes = _values(batch)
     num_params = int(param.max()) + 1 if param.numel() else 1
     segment_key = graph * num_params + param
     keys, segment = torch.unique(segment_key, return_inverse=True)
@@ -95,4 +105,8 @@ def tensor_statistics(batch) -> TensorStatistics:
     quantiles = low + frac * (high - low)
 
     stats = torch.cat([mean[:, None], var[:, None], quantiles], dim=1)
-    return TensorStatistics(stats, keys // num_params, keys % num_params, counts)
+    seg_layer = scatter(layer, segment, 0, dim_size=num_segments, reduce="max")
+    seg_on_nodes = scatter(on_nodes.long(), segment, 0, dim_size=num_segments,
+                           reduce="max").bool()
+    return TensorStatistics(stats, keys // num_params, keys % num_params, counts, seg_layer,
+                            seg_on_nodes)

@@ -1,0 +1,216 @@
+r"""The α-map: a learned, input-dependent group element that acts on hidden states.
+
+"Quasi-Equivariant Metanetworks" build ``F(θ) = α(θ)·β(θ)``: ``β`` equivariant, ``α``
+any map into the symmetry group. Here ``α(θ)`` is made of
+
+* a positive scale per hidden unit that sits before a positively homogeneous
+  activation (``symmetry.scalable_nodes``; every other node gets 1):
+  ``s_j = 1 + ε_s · sin(γ_s(z_j))``;
+* per attention head, GL factors ``M = I + ε_M · sin(Γ_M)/d_head`` and
+  ``N = I + ε_N · sin(Γ_N)/d_head``, where ``Γ[a, b] = γ(z_a, z_b)`` is computed for
+  every pair of positions ``(a, b)`` of the head, so heads of any width get factors.
+
+``ε = tanh(ρ)`` is learned, one per output kind, and starts at ``eps_init`` (0.01, as in
+the paper). Keeping ``|ε| < 1`` bounds the paper's recipe so that ``α`` is always a valid
+group element: every scale lies in ``(0, 2)``, and ``‖M − I‖₂ ≤ ‖M − I‖_F ≤ |ε| < 1``,
+so ``M`` and ``N`` are invertible.
+
+``z`` is the input of ``γ`` (a two-layer MLP of hidden width 32): the statistics of the
+network's weight and bias tensors (mean, variance, quantiles; see
+:func:`~neuralgraph_quasi.nn.tensor_statistics`) pooled for the unit's layer and for
+the whole network, and the unit's own state in the backbone, so that units of one layer
+can get different scales when widths vary. Statistics are invariant to permutations
+and states are equivariant, so ``α`` is permutation-equivariant and a prediction keeps
+its permutation invariance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.utils import scatter
+
+from ..graph._schema import NodeType
+from ..symmetry import GroupElement, scalable_nodes
+from ..symmetry._act import gl_transform
+from ..symmetry._index import head_of_nodes
+from ._backbone import weight_edge_mask
+from ._mpnn import graph_ids, mlp
+from ._stats import NUM_STATS, tensor_statistics
+
+__all__ = ["AlphaMap", "Alpha", "statistics_per_node", "STAT_FEATURES"]
+
+#: Width of the statistics part of γ's input: layer weights, layer node values, network.
+STAT_FEATURES = 3 * NUM_STATS
+
+
+def _squash(t: Tensor) -> Tensor:
+    """Signed ``log1p``: keeps statistics of very different magnitudes in range."""
+    return torch.sign(t) * torch.log1p(t.abs())
+
+
+def statistics_per_node(batch, exclude: Tensor | None = None) -> Tensor:
+    """``[|V|, 21]`` statistics seen by each node: its layer's weight tensors, its layer's
+    node-held tensors (biases, norm parameters), and all tensors of its network.
+
+    Each part is the mean over tensors of their 7 statistics (signed-log squashed);
+    parts with no tensor are zero. Segment operations only.
+
+    Args:
+        exclude: optional ``[P]`` boolean mask over parameter ids to leave out
+            (e.g. attention projections, for a GL-invariant α).
+    """
+    st = tensor_statistics(batch)
+    stats = _squash(st.stats)
+    if exclude is not None:
+        keep = ~exclude[st.param]
+        stats, graph, layer, on_nodes = stats[keep], st.graph[keep], st.layer[keep], \
+            st.on_nodes[keep]
+    else:
+        graph, layer, on_nodes = st.graph, st.layer, st.on_nodes
+    node_graph, num_graphs = graph_ids(batch)
+    depth = int(batch.node_layer.max()) + 1
+    cell = graph * depth + layer
+    cells = num_graphs * depth
+    weights = scatter(stats[~on_nodes], cell[~on_nodes], 0, dim_size=cells, reduce="mean")
+    values = scatter(stats[on_nodes], cell[on_nodes], 0, dim_size=cells, reduce="mean")
+    network = scatter(stats, graph, 0, dim_size=num_graphs, reduce="mean")
+    node_cell = node_graph * depth + batch.node_layer
+    return torch.cat([weights[node_cell], values[node_cell], network[node_graph]], dim=-1)
+
+
+@dataclass(frozen=True)
+class Alpha:
+    """One α(θ) for a batch: the tensors that act on states, differentiable.
+
+    Attributes:
+        scale: ``[|V|]`` per-node multiplier (1 outside ``scalable_nodes``).
+        head_row: ``[|V|]`` row of ``M``/``N`` of each Q/K/V coordinate's head, -1 elsewhere.
+        heads: ``[H]`` head node ids, in row order.
+        M, N: ``[H, D, D]`` GL factors (identity past each head's width).
+    """
+
+    scale: Tensor
+    head_row: Tensor
+    heads: Tensor
+    M: Tensor
+    N: Tensor
+
+    def act(self, batch, h: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+        """Act on node states ``h`` like on biases and on edge states ``e`` like on weights
+        (GL factors first, then scales, as :func:`~neuralgraph_quasi.symmetry.act`)."""
+        if self.heads.numel():
+            e, h = gl_transform(batch, self.head_row, self.M, self.N, e, h)
+        src, dst = batch.edge_index
+        ratio = torch.where(weight_edge_mask(batch), self.scale[dst] / self.scale[src], 1.0)
+        return h * self.scale[:, None], e * ratio[:, None]
+
+    def element(self) -> GroupElement:
+        """The same α as a :class:`~neuralgraph_quasi.symmetry.GroupElement` (float64,
+        detached), to act on graphs and models with ``symmetry.act``."""
+        n = self.scale.numel()
+        return GroupElement(torch.arange(n), self.scale.detach().double().cpu(),
+                            self.heads.cpu(), self.M.detach().double().cpu(),
+                            self.N.detach().double().cpu())
+
+
+class _PairGamma(nn.Module):
+    """``γ(z_a, z_b)`` for all position pairs of every head, by broadcasting."""
+
+    def __init__(self, state_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.first = nn.Linear(state_dim, hidden)
+        self.second = nn.Linear(state_dim, hidden, bias=False)
+        self.context = nn.Linear(STAT_FEATURES + state_dim, hidden, bias=False)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, z: Tensor, context: Tensor) -> Tensor:
+        """``z [H, D, S]`` per position, ``context [H, C]`` per head → ``[H, D, D]``."""
+        hidden = (self.first(z)[:, :, None] + self.second(z)[:, None, :]
+                  + self.context(context)[:, None, None])
+        return self.out(torch.nn.functional.silu(hidden))[..., 0]
+
+
+class AlphaMap(nn.Module):
+    r"""Compute ``α(θ)`` for a batch from weight statistics and backbone states.
+
+    See the module docstring for the construction. ``frozen=True`` pins ``ε`` at 0 (α is
+    then exactly the identity): the ablation with the same parameters and seeds.
+
+    Args:
+        state_dim: width of the backbone's node states.
+        gamma_hidden: hidden width of each γ (32, the paper's best).
+        eps_init: initial ``ε`` for every output kind (``|eps_init| < 1``).
+        frozen: keep α at the identity.
+        gl: produce GL factors for attention heads (else ``M = N = I``).
+    """
+
+    #: Output kinds, each with its own ε.
+    KINDS = ("scale", "qk", "vo")
+
+    def __init__(self, state_dim: int, gamma_hidden: int = 32, eps_init: float = 0.01,
+                 frozen: bool = False, gl: bool = True) -> None:
+        super().__init__()
+        if not -1.0 < eps_init < 1.0:
+            raise ValueError(f"eps_init must lie in (-1, 1) so that α stays a group element, "
+                             f"got {eps_init}")
+        self.frozen, self.gl = frozen, gl
+        self.gamma_scale = mlp(STAT_FEATURES + state_dim, gamma_hidden, 1)
+        self.gamma_qk = _PairGamma(state_dim, gamma_hidden)
+        self.gamma_vo = _PairGamma(state_dim, gamma_hidden)
+        self.rho = nn.Parameter(torch.full((3,), math.atanh(eps_init)),
+                                requires_grad=not frozen)
+
+    @property
+    def eps(self) -> Tensor:
+        """``[3]`` ε for scales, Q/K factors and V/O factors, each in (−1, 1)."""
+        return torch.zeros_like(self.rho) if self.frozen else torch.tanh(self.rho)
+
+    def forward(self, batch, h: Tensor, stats: Tensor | None = None) -> Alpha:
+        """α for ``batch``, given node states ``h [|V|, S]`` (and optionally the
+        precomputed :func:`statistics_per_node`)."""
+        stats = statistics_per_node(batch) if stats is None else stats
+        stats = stats.to(h.dtype)
+        eps = self.eps.to(h.dtype)
+        z = torch.cat([stats, h], dim=-1)
+        mask = scalable_nodes(batch)
+        raw = torch.sin(self.gamma_scale(z)[:, 0])
+        scale = torch.where(mask, 1 + eps[0] * raw, torch.ones_like(raw))
+        heads = (batch.node_type == NodeType.HEAD).nonzero().view(-1)
+        row = torch.full((batch.num_nodes,), -1, dtype=torch.long, device=h.device)
+        row[heads] = torch.arange(heads.numel(), device=h.device)
+        head_row = row[head_of_nodes(batch)]
+        if heads.numel() == 0:
+            empty = h.new_zeros(0, 0, 0)
+            return Alpha(scale, head_row, heads, empty, empty)
+        M, N = self._gl_factors(batch, h, z, heads, head_row, eps)
+        return Alpha(scale, head_row, heads, M, N)
+
+    def _gl_factors(self, batch, h, z, heads, head_row, eps) -> tuple[Tensor, Tensor]:
+        num_heads = heads.numel()
+        coord = head_row >= 0
+        width = int(batch.node_pos[coord].max()) + 1
+        size = torch.zeros(num_heads, dtype=h.dtype, device=h.device)
+        size = size.scatter_reduce(0, head_row[coord], (batch.node_pos[coord] + 1).to(h.dtype),
+                                   reduce="amax")
+        valid = torch.arange(width, device=h.device)[None] < size[:, None]
+        pair = valid[:, :, None] & valid[:, None, :]
+        eye = torch.eye(width, dtype=h.dtype, device=h.device).expand(num_heads, width, width)
+        context = z[heads]
+        factors = []
+        for gamma, types, k in ((self.gamma_qk, (NodeType.QUERY, NodeType.KEY), 1),
+                                (self.gamma_vo, (NodeType.VALUE,), 2)):
+            if not self.gl:
+                factors.append(eye)
+                continue
+            per_position = h.new_zeros(num_heads, width, h.size(1))
+            for t in types:
+                nodes = (batch.node_type == t).nonzero().view(-1)
+                per_position = per_position.index_put(
+                    (head_row[nodes], batch.node_pos[nodes]), h[nodes], accumulate=True)
+            noise = torch.where(pair, torch.sin(gamma(per_position, context)), 0.0)
+            factors.append(eye + eps[k] * noise / size[:, None, None])
+        return factors[0], factors[1]

@@ -1,0 +1,70 @@
+"""Baselines beside the graph metanetworks: an MLP on the flattened weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FlatMLP", "flat_parameters"]
+
+
+def flat_parameters(batch) -> Tensor:
+    """``[B, P]``: every graph's parameter values in graph order (weights, then node slots).
+
+    All graphs of the batch must hold the same number of values (one architecture, as
+    in a zoo). The order is the graph's edge and node order, fixed by the architecture.
+    """
+    length = batch.edge_kshape.prod(-1)
+    k = batch.edge_attr.size(1)
+    mask = (batch.edge_param >= 0)[:, None] & (
+        torch.arange(k, device=length.device)[None] < length[:, None])
+    slot = batch.node_param >= 0
+    node_graph = batch.batch if getattr(batch, "batch", None) is not None else \
+        torch.zeros(batch.num_nodes, dtype=torch.long, device=batch.x.device)
+    edge_graph = node_graph[batch.edge_index[1]]
+    values = torch.cat([batch.edge_attr[mask], batch.x[slot]])
+    graph = torch.cat([edge_graph[:, None].expand(-1, k)[mask],
+                       node_graph[:, None].expand(-1, slot.size(1))[slot]])
+    order = torch.argsort(graph, stable=True)
+    counts = torch.bincount(graph)
+    if bool((counts != counts[0]).any()):
+        raise ValueError("FlatMLP needs graphs with the same number of parameters; the batch "
+                         f"has {sorted(set(counts.tolist()))}")
+    return values[order].view(counts.numel(), -1)
+
+
+class FlatMLP(nn.Module):
+    """An MLP on the flattened weights of each network (no symmetry at all).
+
+    Args:
+        num_params: values per network (``flat_parameters(batch).size(1)``).
+        hidden_dim: MLP width.
+        num_layers: linear layers.
+        out_dim: outputs per network.
+
+    Shapes:
+        input: a batch of ``B`` graphs of one architecture; output ``[B, out_dim]``.
+    """
+
+    invariant_to: frozenset[str] = frozenset()
+
+    def __init__(self, num_params: int, hidden_dim: int = 256, num_layers: int = 3,
+                 out_dim: int = 1) -> None:
+        super().__init__()
+        self.num_params = num_params
+        layers: list[nn.Module] = [nn.LayerNorm(num_params)]
+        for i in range(num_layers):
+            last = i == num_layers - 1
+            layers.append(nn.Linear(num_params if i == 0 else hidden_dim,
+                                    out_dim if last else hidden_dim))
+            if not last:
+                layers.append(nn.ReLU())
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, batch) -> Tensor:
+        flat = flat_parameters(batch)
+        if flat.size(1) != self.num_params:
+            raise ValueError(f"FlatMLP was built for {self.num_params} parameters per network; "
+                             f"the batch has {flat.size(1)}")
+        return self.mlp(flat.to(self.mlp[1].weight.dtype))
+

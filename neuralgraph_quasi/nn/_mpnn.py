@@ -1,0 +1,176 @@
+"""An edge-updating, PNA-style message-passing backbone on neural graphs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn import MessagePassing
+from torch_geometric.utils import scatter
+
+from ..graph._schema import NUM_SLOTS, Act, EdgeType, NodeOp, NodeType
+from ._backbone import Backbone, kernel_values, weight_edge_mask
+
+__all__ = ["MPNN", "EdgeMPLayer", "mlp"]
+
+#: Layer depths beyond this share one embedding.
+MAX_LAYER = 63
+#: Input and output units beyond this share one embedding.
+MAX_IO_UNIT = 63
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int,
+        act: type[nn.Module] = nn.SiLU) -> nn.Sequential:
+    """Two linear layers with an activation between them."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), act(), nn.Linear(hidden_dim, out_dim))
+
+
+def graph_ids(batch) -> tuple[Tensor, int]:
+    """``([|V|] graph of each node, number of graphs)`` for a batch or a single graph."""
+    b = getattr(batch, "batch", None)
+    if b is None:
+        return torch.zeros(batch.num_nodes, dtype=torch.long, device=batch.x.device), 1
+    return b, int(batch.num_graphs)
+
+
+class EdgeMPLayer(MessagePassing):
+    r"""One layer of :class:`MPNN`: an edge update, then a node update from messages
+    in both directions, aggregated PNA-style.
+
+    .. math::
+        e'_{ij} &= \mathrm{LN}\big(e_{ij} + \phi_e([h_i, h_j, e_{ij}])\big) \\
+        m_{i \to j} &= \sigma\big(W [h_i, h_j]\big) \odot \big(1 + \gamma(e'_{ij})\big)
+                      + \beta(e'_{ij}) \quad\text{(FiLM, for both edge directions)} \\
+        h'_j &= \mathrm{LN}\Big(h_j + \phi_h\big([h_j, \textstyle\bigoplus_{i} m_{i\to j}]\big)\Big)
+
+    where :math:`\bigoplus` concatenates the mean, min, max and standard deviation
+    over incoming messages (PNA's aggregators). A message along the reverse of an edge
+    (``j → i``) adds a learned direction vector to ``e'_{ij}``: the network tells the
+    layer below from the layer above. No input is indexed by unit, head or position,
+    so the layer is equivariant to any re-indexing of nodes and edges.
+
+    Args:
+        hidden_dim: width ``H`` of node and edge states.
+        aggregators: PyG aggregation names.
+
+    Shapes:
+        input: ``h [|V|, H]``, ``e [|E|, H]``, ``edge_index [2, |E|]``; output ``(h', e')``.
+    """
+
+    def __init__(self, hidden_dim: int, aggregators=("mean", "min", "max", "std")) -> None:
+        super().__init__(aggr=list(aggregators), node_dim=0)
+        self.hidden_dim = hidden_dim
+        self.edge_mlp = mlp(3 * hidden_dim, hidden_dim, hidden_dim)
+        self.message_lin = nn.Linear(2 * hidden_dim, hidden_dim)
+        self.film = nn.Linear(hidden_dim, 2 * hidden_dim)
+        self.direction = nn.Parameter(torch.empty(2, hidden_dim))
+        self.node_mlp = mlp((1 + len(aggregators)) * hidden_dim, hidden_dim, hidden_dim)
+        self.edge_norm = nn.LayerNorm(hidden_dim)
+        self.node_norm = nn.LayerNorm(hidden_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        for module in (self.edge_mlp, self.node_mlp):
+            for layer in module:
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
+        for module in (self.message_lin, self.film, self.edge_norm, self.node_norm):
+            module.reset_parameters()
+        nn.init.normal_(self.direction, std=0.1)
+
+    def forward(self, h: Tensor, e: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
+        e = self.edge_updater(edge_index, h=h, e=e)
+        both = torch.cat([edge_index, edge_index.flip(0)], dim=1)
+        e_both = torch.cat([e + self.direction[0], e + self.direction[1]])
+        agg = self.propagate(both, h=h, e=e_both)
+        h = self.node_norm(h + self.node_mlp(torch.cat([h, agg], dim=-1)))
+        return h, e
+
+    def edge_update(self, h_j: Tensor, h_i: Tensor, e: Tensor) -> Tensor:
+        return self.edge_norm(e + self.edge_mlp(torch.cat([h_j, h_i, e], dim=-1)))
+
+    def message(self, h_j: Tensor, h_i: Tensor, e: Tensor) -> Tensor:
+        gamma, beta = self.film(e).chunk(2, dim=-1)
+        return torch.nn.functional.silu(self.message_lin(torch.cat([h_j, h_i], dim=-1))) \
+            * (1 + gamma) + beta
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.hidden_dim}, aggr={self.aggr})"
+
+
+class MPNN(Backbone):
+    r"""Permutation-equivariant message passing on neural graphs (``backbone="mpnn"``).
+
+    Typed embeddings give every node its type, operation, activation and depth (and,
+    for input and output units, which are never permuted, their own index, as
+    neural-graphs' positional embeddings do); node values (bias, gain, running
+    statistics) and edge values (a weight, or a kernel vector of up to
+    ``kernel_width`` entries) are embedded linearly. Then ``num_layers``
+    :class:`EdgeMPLayer`\ s update node and edge states. Sparse throughout: no dense
+    ``|V| × |V|`` tensor, no loop over graphs.
+
+    Equivariant to re-indexing, hence to ``permutation`` and ``head_permutation``
+    (which are re-indexings of the values); not to scalings, sign flips or GL factors.
+
+    Args:
+        hidden_dim: width of node and edge states.
+        num_layers: message-passing layers.
+        kernel_width: longest edge vector accepted (9 for 3×3 kernels).
+    """
+
+    equivariant_to = frozenset({"permutation", "head_permutation"})
+
+    def __init__(self, hidden_dim: int, num_layers: int, kernel_width: int = 9) -> None:
+        super().__init__(hidden_dim, num_layers, kernel_width)
+        H = hidden_dim
+        self.node_type = nn.Embedding(len(NodeType), H)
+        self.node_op = nn.Embedding(len(NodeOp), H)
+        self.node_act = nn.Embedding(len(Act), H)
+        self.node_layer = nn.Embedding(MAX_LAYER + 1, H)
+        self.io_unit = nn.Embedding(2 * (MAX_IO_UNIT + 1), H)
+        self.node_values = nn.Linear(NUM_SLOTS, H)
+        self.edge_type = nn.Embedding(len(EdgeType), H)
+        self.edge_values = nn.Linear(kernel_width, H)
+        self.layers = nn.ModuleList(EdgeMPLayer(H) for _ in range(num_layers))
+        self.pool = mlp(4 * H, H, H)
+        self.edit_edges = mlp(H, H, kernel_width)
+        self.edit_nodes = mlp(H, H, 1)
+
+    @property
+    def readout_dim(self) -> int:
+        return self.hidden_dim
+
+    def encode(self, batch) -> tuple[Tensor, Tensor]:
+        kind = batch.node_type
+        unit = batch.node_unit.clamp(max=MAX_IO_UNIT)
+        io = torch.where(kind == NodeType.OUTPUT, unit + MAX_IO_UNIT + 1, unit)
+        io_emb = torch.where(((kind == NodeType.INPUT) | (kind == NodeType.OUTPUT))[:, None],
+                             self.io_unit(io), 0.0)
+        h = (self.node_type(kind) + self.node_op(batch.node_op) + self.node_act(batch.node_act)
+             + self.node_layer(batch.node_layer.clamp(max=MAX_LAYER)) + io_emb
+             + self.node_values(batch.x.to(self.node_values.weight.dtype)))
+        e = (self.edge_type(batch.edge_type)
+             + self.edge_values(kernel_values(batch, self.kernel_width)
+                                .to(self.edge_values.weight.dtype)))
+        return h, e
+
+    def layer(self, index: int, batch, h: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+        return self.layers[index](h, e, batch.edge_index)
+
+    def readout(self, batch, h: Tensor, e: Tensor) -> Tensor:
+        """Mean and max of node states, mean of weight-edge states and of output nodes'
+        states, per graph, through an MLP."""
+        node_graph, num_graphs = graph_ids(batch)
+        weight = weight_edge_mask(batch)
+        edge_graph = node_graph[batch.edge_index[1, weight]]
+        out = batch.node_type == NodeType.OUTPUT
+        pooled = torch.cat([
+            scatter(h, node_graph, 0, dim_size=num_graphs, reduce="mean"),
+            scatter(h, node_graph, 0, dim_size=num_graphs, reduce="max"),
+            scatter(e[weight], edge_graph, 0, dim_size=num_graphs, reduce="mean"),
+            scatter(h[out], node_graph[out], 0, dim_size=num_graphs, reduce="mean"),
+        ], dim=-1)
+        return self.pool(pooled)
+
+    def edit(self, batch, h: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+        return self.edit_edges(e), self.edit_nodes(h)[:, 0]

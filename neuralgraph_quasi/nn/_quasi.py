@@ -1,0 +1,137 @@
+r"""QuasiGNN: a graph metanetwork ``F = α·β`` with the α-map acting between backbone layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..graph._schema import Slot
+from ._alpha import Alpha, AlphaMap, statistics_per_node
+from ._backbone import Backbone
+from ._mpnn import MPNN, mlp
+
+__all__ = ["QuasiGNN", "BACKBONES"]
+
+
+def _scale_mpnn(hidden_dim: int, num_layers: int, kernel_width: int) -> Backbone:
+    from ._scale_mpnn import ScaleMPNN
+
+    return ScaleMPNN(hidden_dim, num_layers, kernel_width=kernel_width)
+
+
+#: Backbone factories by name: ``(hidden_dim, num_layers, kernel_width) -> Backbone``.
+BACKBONES = {"mpnn": MPNN, "scale_mpnn": _scale_mpnn}
+TASKS = ("predict", "edit")
+
+
+class QuasiGNN(nn.Module):
+    r"""A quasi-equivariant graph metanetwork on :class:`~neuralgraph_quasi.NeuralGraph`
+    batches.
+
+    .. math::
+        F(\theta) = \psi\big(\beta_{>k}(\alpha(\theta)\cdot\beta_{\le k}(\theta))\big)
+
+    ``β`` is an equivariant message-passing backbone (``"mpnn"``: permutations;
+    ``"scale_mpnn"``: permutations and positive scalings); ``α(θ)`` (an
+    :class:`~neuralgraph_quasi.nn.AlphaMap`) is a group element computed from the input
+    network's weight statistics and the backbone's states after layer ``k``, and acts on
+    those states (node states like biases, edge states like weights, attention blocks
+    through per-head ``M`` and ``N``). ``ψ`` is an invariant readout (``task="predict"``)
+    or an equivariant head that writes new weights and biases (``task="edit"``).
+
+    Where α acts decides what it does (``docs/quasi.md``): the later layers of the
+    ``"mpnn"`` backbone are not equivariant to scales or GL factors, so α changes what
+    the network computes while the prediction keeps its permutation invariance. Under
+    ``"scale_mpnn"`` the scale part of α commutes with every later layer and cancels in a
+    scale-invariant readout; for editing, ``F(g·θ) = α(g·θ)·g·α(θ)⁻¹·F(θ)`` still gives
+    networks with the same function, but ``F`` is not strictly equivariant.
+
+    Args:
+        hidden_dim: width of node and edge states.
+        num_layers: backbone layers.
+        task: ``"predict"`` (``[B, out_dim]`` raw outputs) or ``"edit"`` (a batch with the
+            same structure and edited weights and biases).
+        quasi: use α (``False``: the same network without it).
+        backbone: ``"mpnn"`` or ``"scale_mpnn"``.
+        eps_init: initial ε of α (one per output kind: scales, Q/K factors, V/O factors).
+        out_dim: outputs per graph for ``predict``.
+        kernel_width: longest edge vector the model accepts (9: 3×3 kernels).
+        alpha: ``"learned"``, or ``"frozen"`` (α pinned at the identity: the ablation with
+            the same parameters).
+        alpha_after: index of the backbone layer after which α acts (default: the middle,
+            ``num_layers // 2 - 1``, or 0 with one layer).
+        gamma_hidden: hidden width of α's MLPs γ.
+
+    Attributes:
+        invariant_to: (``predict``) kinds, as in :func:`~neuralgraph_quasi.symmetry.sample`,
+            to which the prediction is invariant.
+        equivariant_to: (``edit``) kinds ``g`` for which ``to_model(F(g·θ))`` computes the
+            same function as ``to_model(F(θ))``.
+    """
+
+    def __init__(self, hidden_dim: int = 64, num_layers: int = 4, task: str = "predict",
+                 quasi: bool = True, backbone: str = "mpnn", eps_init: float = 0.01,
+                 out_dim: int = 1, kernel_width: int = 9, alpha: str = "learned",
+                 alpha_after: int | None = None, gamma_hidden: int = 32) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
+        if alpha not in ("learned", "frozen"):
+            raise ValueError(f"alpha must be 'learned' or 'frozen', got {alpha!r}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        self.task, self.quasi, self.backbone_name = task, quasi, backbone
+        self.backbone = BACKBONES[backbone](hidden_dim, num_layers, kernel_width)
+        self.alpha_after = max(num_layers // 2 - 1, 0) if alpha_after is None else alpha_after
+        if not 0 <= self.alpha_after < num_layers:
+            raise ValueError(f"alpha_after must index a layer in [0, {num_layers}), "
+                             f"got {alpha_after}")
+        # Under scale_mpnn the states of attention nodes are scale-invariant but the
+        # statistics are not: GL factors built from them would break scale invariance.
+        self.alpha = AlphaMap(hidden_dim, gamma_hidden, eps_init, frozen=alpha == "frozen",
+                              gl=backbone != "scale_mpnn") if quasi else None
+        if task == "predict":
+            self.head = mlp(self.backbone.readout_dim, hidden_dim, out_dim)
+        kinds = self.backbone.equivariant_to
+        self.invariant_to = frozenset(kinds) if task == "predict" else frozenset()
+        self.equivariant_to = frozenset(kinds) if task == "edit" else frozenset()
+        self.last_alpha: Alpha | None = None
+
+    def states(self, batch) -> tuple[Tensor, Tensor]:
+        """Node and edge states after the backbone (α applied where configured)."""
+        h, e = self.backbone.encode(batch)
+        self.last_alpha = None
+        for i in range(self.backbone.num_layers):
+            h, e = self.backbone.layer(i, batch, h, e)
+            if self.alpha is not None and i == self.alpha_after:
+                self.last_alpha = self.alpha(batch, h, statistics_per_node(batch))
+                h, e = self.last_alpha.act(batch, h, e)
+        return h, e
+
+    def forward(self, batch):
+        h, e = self.states(batch)
+        if self.task == "predict":
+            return self.head(self.backbone.readout(batch, h, e))
+        return self._edited(batch, *self.backbone.edit(batch, h, e))
+
+    def _edited(self, batch, edge_update: Tensor, bias_update: Tensor):
+        """``batch`` with ``W + ΔW`` on weight entries and ``b + Δb`` on biases."""
+        k = batch.edge_attr.size(1)
+        length = batch.edge_kshape.prod(-1)
+        keep = (batch.edge_param >= 0)[:, None] & (
+            torch.arange(k, device=length.device)[None] < length[:, None])
+        out = batch.clone()
+        out.edge_attr = batch.edge_attr + torch.where(keep, edge_update[:, :k], 0.0).to(
+            batch.edge_attr.dtype)
+        has_bias = batch.node_param[:, Slot.BIAS] >= 0
+        x = batch.x.clone()
+        x[:, Slot.BIAS] = x[:, Slot.BIAS] + torch.where(has_bias, bias_update, 0.0).to(x.dtype)
+        out.x = x
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"task={self.task!r}, backbone={self.backbone_name!r}, quasi={self.quasi}, "
+                f"alpha_after={self.alpha_after}")
+

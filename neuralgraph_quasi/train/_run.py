@@ -1,0 +1,318 @@
+"""``run(cfg) -> metrics``: one training run, from the zoo on disk to ``metrics.json``.
+
+The steps, in order: resolve the device (and the larger GPU defaults), open the zoo
+(generated first when absent) as train/val/test splits, build the task and the model
+(shapes injected from the data), train with :class:`~neuralgraph_quasi.train.Trainer`,
+test the best checkpoint, train the STATNN baseline on the same split, evaluate under
+random symmetries (``eval.augment``), draw the plots and write ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ..data import load_zoo
+from ..data._atomic import atomic_write_json
+from ..symmetry import RandomSymmetry
+from ._batches import ZooLoader
+from ._build import build_model, num_trainable, runtime_shapes
+from ._checkpoint import CheckpointError
+from ._distributed import Dist, init_distributed
+from ._loop import Trainer, evaluate
+from ._plots import plot_alpha, plot_learning_curves, plot_predictions
+from ._tasks import TASKS, Task
+
+__all__ = ["run", "resolve_device", "apply_gpu_defaults", "make_task", "open_splits"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def apply_gpu_defaults(cfg: DictConfig, skip: set[str] | frozenset = frozenset()) -> list[str]:
+    """On CUDA, apply ``cfg.gpu`` (larger zoo and model): ``gpu.overrides`` (``key=value``
+    strings) and ``gpu.num_models[dataset.name]`` (the zoo then lives in
+    ``<root>_<num_models>``, so it never clashes with the CPU zoo). Keys in ``skip`` (those
+    given on the command line) are left alone. Returns the overrides applied."""
+    gpu = cfg.get("gpu")
+    if not gpu:
+        return []
+    applied = []
+    for item in gpu.get("overrides") or []:
+        key, _, value = str(item).partition("=")
+        if key not in skip:
+            OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
+            applied.append(f"{key}={value}")
+    sizes = gpu.get("num_models") or {}
+    name = cfg.dataset.get("name")
+    if name in sizes and "dataset.num_models" not in skip:
+        cfg.dataset.num_models = int(sizes[name])
+        applied.append(f"dataset.num_models={sizes[name]}")
+        if "dataset.root" not in skip:
+            cfg.dataset.root = f"{cfg.dataset.root}_{int(sizes[name])}"
+            applied.append(f"dataset.root={cfg.dataset.root}")
+    return applied
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_task(cfg: DictConfig, train_set) -> Task:
+    """The task ``cfg.task`` names, sized from the training split."""
+    name = cfg.task
+    if name == "predict":
+        return TASKS["predict"](loss=cfg.get("loss", "bce"))
+    if name == "classify":
+        return TASKS["classify"](out_dim=int(train_set.targets.max()) + 1)
+    if name == "edit":
+        from ._edit import EditINR
+
+        return EditINR(train_set, **OmegaConf.to_container(cfg.edit, resolve=True))
+    raise ValueError(f"task must be 'predict', 'classify' or 'edit', got {name!r}")
+
+
+def open_splits(cfg: DictConfig, dist: Dist, **overrides) -> dict[str, Any]:
+    """The zoo's train/val/test splits; the main process generates a missing zoo first."""
+    if dist.main:
+        splits = {"train": load_zoo(cfg.dataset, "train", **overrides)}
+    dist.barrier()
+    if not dist.main:
+        splits = {"train": load_zoo(cfg.dataset, "train", generate=False, **overrides)}
+    for split in ("val", "test"):
+        splits[split] = load_zoo(cfg.dataset, split, generate=False, **overrides)
+    empty = [name for name, data in splits.items() if len(data) == 0]
+    if empty:
+        raise ValueError(f"the {'/'.join(empty)} split(s) of {cfg.dataset.name} are empty "
+                         f"({len(splits['train'])} training graphs): use a larger zoo or a "
+                         "lower accuracy threshold")
+    return splits
+
+
+def _corpus(root: str) -> str | None:
+    """What a generated zoo records about its corpus (``generator.json``), if anything."""
+    manifest = Path(root) / "generator.json"
+    if manifest.is_file():
+        record = json.loads(manifest.read_text())
+        if record.get("corpus"):
+            return str(record["corpus"])
+    readme = Path(root) / "README.md"
+    if readme.is_file():
+        for line in readme.read_text().splitlines():
+            if "corpus" in line.lower():
+                return line.strip()
+    return None
+
+
+def _alpha(model, batch) -> dict[str, torch.Tensor]:
+    """The learned α on a batch, when the model exposes it (``last_alpha`` after a forward,
+    as :class:`~neuralgraph_quasi.nn.QuasiGNN`): the per-node scales, and for attention the
+    deviation ``‖M - I‖_F``, ``‖N - I‖_F`` of each head's GL factors."""
+    if not hasattr(model, "last_alpha"):
+        return {}
+    with torch.no_grad():
+        model(batch)
+    alpha = model.last_alpha
+    if alpha is None:
+        return {}
+    out = {}
+    scale = getattr(alpha, "scale", None)
+    if scale is not None:
+        moved = scale[scale != 1]
+        out["scales (nodes with scale != 1)"] = moved if moved.numel() else scale
+    for name in ("M", "N"):
+        factor = getattr(alpha, name, None)
+        if factor is not None and factor.numel():
+            eye = torch.eye(factor.size(-1), dtype=factor.dtype, device=factor.device)
+            out[f"GL {name}: ||{name} - I||_F per head"] = (factor - eye).flatten(1).norm(dim=1)
+    return out
+
+
+def _train_one(name: str, model_cfg, cfg: DictConfig, task: Task, splits, directory: Path,
+               device, dist: Dist, config: dict, resume: bool, progress: bool):
+    sample = splits["train"][0]
+    runtime = runtime_shapes(sample, task.out_dim, task.model_task)
+    model = build_model(model_cfg, runtime)
+    optimizer = instantiate(cfg.optim)
+    trainer_cfg = cfg.trainer
+    if name == "baseline" and cfg.trainer.get("baseline_epochs"):
+        trainer_cfg = cfg.trainer.copy()
+        trainer_cfg.epochs = int(cfg.trainer.baseline_epochs)
+    extra = {"runtime": runtime, "model_config": OmegaConf.to_container(model_cfg, resolve=True),
+             "task": str(cfg.task)}
+    trainer = Trainer(model, task, splits["train"], splits["val"], directory, optimizer,
+                      trainer_cfg, device, dist, config, seed=int(cfg.seed), name=name,
+                      extra=extra)
+    start_step = 0
+    if resume:
+        last = directory / "last.ckpt"
+        if not last.exists() and name != "model":
+            log.info("%s: no checkpoint in %s, training from scratch", name, directory)
+        else:
+            trainer.resume(last)
+            start_step = trainer.step
+    trainer.fit(progress=progress)
+    trainer.load_best()
+    return trainer, start_step
+
+
+def run(cfg: DictConfig, cli_overrides: set[str] | frozenset = frozenset()) -> dict[str, Any]:
+    """Train and evaluate the model ``cfg`` describes; return (and write) its metrics.
+
+    Args:
+        cfg: the composed ``configs/train.yaml`` (hydra), or any config of that shape.
+        cli_overrides: keys given on the command line, which the GPU defaults leave alone.
+
+    Returns:
+        the content of ``<output_dir>/metrics.json``.
+    """
+    started = time.perf_counter()
+    cfg = cfg.copy()
+    device = resolve_device(str(cfg.device))
+    with open_dict(cfg):
+        specific = (cfg.get("per_dataset") or {}).get(cfg.dataset.name)
+        if specific:
+            cfg.dataset = OmegaConf.merge(cfg.dataset, specific)
+        applied = apply_gpu_defaults(cfg, cli_overrides) if device.type == "cuda" else []
+        resume = cfg.trainer.get("resume")
+        if resume:
+            cfg.output_dir = str(resume)
+    OmegaConf.resolve(cfg)
+    out = Path(cfg.output_dir)
+    if resume:
+        last = out / "last.ckpt"
+        if not last.exists():
+            raise CheckpointError(f"trainer.resume={resume}: no last.ckpt in that directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if applied:
+        log.info("GPU defaults applied: %s", ", ".join(applied))
+    dist = init_distributed(device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    seed_everything(int(cfg.seed) + dist.rank)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    progress = bool(cfg.trainer.get("progress", True))
+
+    overrides = {}
+    if cfg.get("min_accuracy") is not None:
+        overrides["min_accuracy"] = float(cfg.min_accuracy)
+    splits = open_splits(cfg, dist, **overrides)
+    task = make_task(cfg, splits["train"])
+    trainer, start_step = _train_one("model", cfg.model, cfg, task, splits, out, device, dist,
+                                     config, bool(resume), progress)
+    eval_bs = int(cfg.trainer.get("eval_batch_size", cfg.trainer.batch_size))
+    amp = bool(cfg.trainer.get("amp", False))
+    metrics: dict[str, Any] = {}
+    if dist.main:
+        val, _, _ = evaluate(trainer.module, task, splits["val"], device, eval_bs, amp)
+        test, pred, true = evaluate(trainer.module, task, splits["test"], device, eval_bs, amp)
+        metrics.update({f"val_{k}": v for k, v in val.items()})
+        metrics.update({f"test_{k}": v for k, v in test.items()})
+    histories = {"model": trainer.history}
+    baseline = None
+    if cfg.get("train_baseline") and cfg.get("baseline") is not None and task.out_dim \
+            and cfg.task != "edit":
+        seed_everything(int(cfg.seed) + dist.rank)
+        baseline, _ = _train_one("baseline", cfg.baseline, cfg, task, splits, out / "baseline",
+                                 device, dist, config, bool(resume), progress)
+        histories["baseline"] = baseline.history
+        if dist.main:
+            btest, bpred, _ = evaluate(baseline.module, task, splits["test"], device, eval_bs,
+                                       amp)
+            metrics.update({f"baseline_test_{k}": v for k, v in btest.items()})
+            metrics["baseline_num_params"] = num_trainable(baseline.module)
+    if not dist.main:
+        dist.barrier()
+        return {}
+
+    augment = cfg.get("eval", {}).get("augment")
+    if augment:
+        metrics["augment"] = _evaluate_augmented(cfg, augment, task, trainer, baseline, device,
+                                                 eval_bs, amp, overrides)
+    metrics.update({
+        "task": str(cfg.task), "dataset": str(cfg.dataset.name),
+        "model": str(cfg.model._target_).rsplit(".", 1)[-1],
+        "num_params": num_trainable(trainer.module),
+        "wall_time_s": time.perf_counter() - started,
+        "train_time_s": trainer.train_time,
+        "train_graphs_per_s": trainer.graphs_per_s,
+        "dataset_size": sum(len(s) for s in splits.values()),
+        "split_sizes": {k: len(s) for k, s in splits.items()},
+        "corpus": _corpus(str(cfg.dataset.root)),
+        "steps": trainer.step, "epochs": trainer.epoch, "best_epoch": trainer.best_epoch,
+        "resumed_from_step": start_step if resume else None,
+        "device": str(device), "world_size": dist.world_size,
+        "seed": int(cfg.seed), "min_accuracy": cfg.get("min_accuracy"),
+        "gpu_defaults": applied,
+    })
+    if baseline is not None and "test_kendall_tau" in metrics:
+        metrics["beats_baseline"] = bool(metrics["test_kendall_tau"]
+                                         > metrics["baseline_test_kendall_tau"])
+    if cfg.get("plots", True):
+        _plots(out, cfg, task, trainer, baseline, splits, histories, pred, true, device,
+               eval_bs, amp)
+    atomic_write_json(out / "metrics.json", metrics)
+    log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items()
+                                        if isinstance(v, int | float)}, default=str))
+    dist.barrier()
+    return metrics
+
+
+def _evaluate_augmented(cfg, augment, task, trainer, baseline, device, eval_bs, amp,
+                        overrides) -> dict[str, dict[str, float]]:
+    """Test metrics with every test graph moved by a random group element, for each
+    ``scale_exponents`` entry ``k`` (positive scales in U[1, 10^k])."""
+    augment = OmegaConf.to_container(augment, resolve=True) if isinstance(augment, DictConfig) \
+        else dict(augment)
+    kinds = augment.get("kinds")
+    results = {}
+    for k in augment.get("scale_exponents", [1]):
+        transform = RandomSymmetry(kinds=kinds, scale_range=(1.0, 10.0 ** float(k)),
+                                   generator=torch.Generator().manual_seed(
+                                       int(augment.get("seed", 0))))
+        test = load_zoo(cfg.dataset, "test", generate=False, transform=transform, **overrides)
+        row = {f"test_{m}": v for m, v in
+               evaluate(trainer.module, task, test, device, eval_bs, amp)[0].items()}
+        if baseline is not None:
+            transform.generator.manual_seed(int(augment.get("seed", 0)))
+            row.update({f"baseline_test_{m}": v for m, v in
+                        evaluate(baseline.module, task, test, device, eval_bs, amp)[0].items()})
+        results[f"1e{k}"] = row
+    return results
+
+
+def _plots(out, cfg, task, trainer, baseline, splits, histories, pred, true, device, eval_bs,
+           amp) -> None:
+    plot_learning_curves(histories, out / "learning_curves.png", task.score_name)
+    if cfg.task == "predict":
+        bpred = None
+        if baseline is not None:
+            bpred = evaluate(baseline.module, task, splits["test"], device, eval_bs, amp)[1]
+        tau = task.metrics(pred, true)["kendall_tau"]
+        plot_predictions(pred, true, out / "predictions_test.png",
+                         f"{cfg.dataset.name} test: Kendall tau {tau:.3f}", bpred)
+    test = splits["test"]
+    batch = ZooLoader(test, eval_bs, device=device).batch(torch.arange(min(len(test), eval_bs)))
+    trainer.module.eval()
+    alpha = _alpha(trainer.module, batch)
+    if alpha:
+        plot_alpha(alpha, out / "alpha.png")
