@@ -34,65 +34,72 @@ def graph_ids(batch) -> tuple[Tensor, int]:
 
 class EdgeMPLayer(MessagePassing):
     r"""One layer of :class:`MPNN`: an edge update, then a node update from messages
-    in both directions, aggregated PNA-style.
+    along and against the edges, each aggregated PNA-style.
 
     .. math::
-        e'_{ij} &= \mathrm{LN}\big(e_{ij} + \phi_e([h_i, h_j, e_{ij}])\big) \\
-        m_{i \to j} &= \sigma\big(W [h_i, h_j]\big) \odot \big(1 + \gamma(e'_{ij})\big)
-                      + \beta(e'_{ij}) \quad\text{(FiLM, for both edge directions)} \\
-        h'_j &= \mathrm{LN}\Big(h_j + \phi_h\big([h_j, \textstyle\bigoplus_{i} m_{i\to j}]\big)\Big)
+        e'_{ij} &= \mathrm{LN}\big(e_{ij} + W_2\,\sigma(U h_i + V h_j + W_1 e_{ij})\big) \\
+        m^{\to}_{ij} &= \sigma(A h_i + B h_j) \odot (1 + \gamma^{\to}(e'_{ij}))
+            + \beta^{\to}(e'_{ij}) \qquad
+        m^{\leftarrow}_{ji} = \sigma(A' h_j + B' h_i) \odot (1 + \gamma^{\leftarrow}(e'_{ij}))
+            + \beta^{\leftarrow}(e'_{ij}) \\
+        h'_j &= \mathrm{LN}\Big(h_j + \phi\big([h_j,\ \textstyle\bigoplus_{i \to j}
+            m^{\to}_{ij},\ \bigoplus_{j \to k} m^{\leftarrow}_{kj}]\big)\Big)
 
-    where :math:`\bigoplus` concatenates the mean, min, max and standard deviation
-    over incoming messages (PNA's aggregators). A message along the reverse of an edge
-    (``j → i``) adds a learned direction vector to ``e'_{ij}``: the network tells the
-    layer below from the layer above. No input is indexed by unit, head or position,
-    so the layer is equivariant to any re-indexing of nodes and edges.
+    for an edge ``i → j`` (from the layer below to the layer above). :math:`\bigoplus`
+    concatenates several aggregations of the incoming messages (PNA's mean, max, ...);
+    messages from the layer below and from the layer above are aggregated separately.
+    The FiLM modulation (:math:`\gamma, \beta`) lets the edge state gate each message,
+    as in neural-graphs' PNA. Linear maps of node states are applied per node before
+    being gathered onto edges, which keeps the work per edge small. No input is indexed
+    by unit, head or position, so the layer is equivariant to any re-indexing of nodes
+    and edges.
 
     Args:
         hidden_dim: width ``H`` of node and edge states.
-        aggregators: PyG aggregation names.
+        aggregators: PyG aggregation names (default ``("mean", "max")``).
 
     Shapes:
         input: ``h [|V|, H]``, ``e [|E|, H]``, ``edge_index [2, |E|]``; output ``(h', e')``.
     """
 
-    def __init__(self, hidden_dim: int, aggregators=("mean", "min", "max", "std")) -> None:
+    def __init__(self, hidden_dim: int, aggregators=("mean", "max")) -> None:
         super().__init__(aggr=list(aggregators), node_dim=0)
-        self.hidden_dim = hidden_dim
-        self.edge_mlp = mlp(3 * hidden_dim, hidden_dim, hidden_dim)
-        self.message_lin = nn.Linear(2 * hidden_dim, hidden_dim)
-        self.film = nn.Linear(hidden_dim, 2 * hidden_dim)
-        self.direction = nn.Parameter(torch.empty(2, hidden_dim))
-        self.node_mlp = mlp((1 + len(aggregators)) * hidden_dim, hidden_dim, hidden_dim)
-        self.edge_norm = nn.LayerNorm(hidden_dim)
-        self.node_norm = nn.LayerNorm(hidden_dim)
+        H = hidden_dim
+        self.hidden_dim = H
+        self.edge_nodes = nn.Linear(H, 2 * H)  # U, V
+        self.edge_self = nn.Linear(H, H)  # W_1
+        self.edge_out = nn.Linear(H, H)  # W_2
+        self.message_nodes = nn.Linear(H, 4 * H)  # A, B, A', B'
+        self.film = nn.Linear(H, 4 * H)  # γ→, β→, γ←, β←
+        self.node_mlp = mlp((1 + 2 * len(aggregators)) * H, H, H)
+        self.edge_norm = nn.LayerNorm(H)
+        self.node_norm = nn.LayerNorm(H)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        for module in (self.edge_mlp, self.node_mlp):
-            for layer in module:
-                if isinstance(layer, nn.Linear):
-                    layer.reset_parameters()
-        for module in (self.message_lin, self.film, self.edge_norm, self.node_norm):
+        for module in (self.edge_nodes, self.edge_self, self.edge_out, self.message_nodes,
+                       self.film, self.node_mlp[0], self.node_mlp[2], self.edge_norm,
+                       self.node_norm):
             module.reset_parameters()
-        nn.init.normal_(self.direction, std=0.1)
 
     def forward(self, h: Tensor, e: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
-        e = self.edge_updater(edge_index, h=h, e=e)
-        both = torch.cat([edge_index, edge_index.flip(0)], dim=1)
-        e_both = torch.cat([e + self.direction[0], e + self.direction[1]])
-        agg = self.propagate(both, h=h, e=e_both)
-        h = self.node_norm(h + self.node_mlp(torch.cat([h, agg], dim=-1)))
+        u, v = self.edge_nodes(h).chunk(2, dim=-1)
+        e = self.edge_updater(edge_index, u=u, v=v, e=e)
+        a, b, a_rev, b_rev = self.message_nodes(h).chunk(4, dim=-1)
+        gamma, beta, gamma_rev, beta_rev = self.film(e).chunk(4, dim=-1)
+        up = self.propagate(edge_index, a=a, b=b, gamma=gamma, beta=beta)
+        down = self.propagate(edge_index.flip(0), a=a_rev, b=b_rev, gamma=gamma_rev,
+                              beta=beta_rev)
+        h = self.node_norm(h + self.node_mlp(torch.cat([h, up, down], dim=-1)))
         return h, e
 
-    def edge_update(self, h_j: Tensor, h_i: Tensor, e: Tensor) -> Tensor:
-        return self.edge_norm(e + self.edge_mlp(torch.cat([h_j, h_i, e], dim=-1)))
+    def edge_update(self, u_j: Tensor, v_i: Tensor, e: Tensor) -> Tensor:
+        hidden = torch.nn.functional.silu(u_j + v_i + self.edge_self(e))
+        return self.edge_norm(e + self.edge_out(hidden))
 
-    def message(self, h_j: Tensor, h_i: Tensor, e: Tensor) -> Tensor:
-        gamma, beta = self.film(e).chunk(2, dim=-1)
-        return torch.nn.functional.silu(self.message_lin(torch.cat([h_j, h_i], dim=-1))) \
-            * (1 + gamma) + beta
+    def message(self, a_j: Tensor, b_i: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        return torch.nn.functional.silu(a_j + b_i) * (1 + gamma) + beta
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.hidden_dim}, aggr={self.aggr})"

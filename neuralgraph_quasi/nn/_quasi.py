@@ -117,16 +117,30 @@ class QuasiGNN(nn.Module):
         return self._edited(batch, *self.backbone.edit(batch, h, e))
 
     def _edited(self, batch, edge_update: Tensor, bias_update: Tensor):
-        """``batch`` with ``W + ΔW`` on weight entries and ``b + Δb`` on biases."""
+        """``α(θ)·θ + Δ``: the input's weights moved by α, plus the head's update, on the
+        entries that hold parameter values (weights, biases).
+
+        Moving the skip term by α too makes the whole output ``α(θ)·β(θ)`` when the layers
+        after α commute with it, so that α never changes what an edited network computes
+        there (``docs/quasi.md``).
+        """
         k = batch.edge_attr.size(1)
+        edge_attr, x = batch.edge_attr, batch.x
+        if self.last_alpha is not None:
+            values, edge_attr = self.last_alpha.act(
+                batch, x[:, [Slot.BIAS, Slot.GAIN]].to(edge_update.dtype),
+                edge_attr.to(edge_update.dtype))
+            x = x.clone()
+            x[:, [Slot.BIAS, Slot.GAIN]] = values.to(x.dtype)
+            edge_attr = edge_attr.to(batch.edge_attr.dtype)
         length = batch.edge_kshape.prod(-1)
         keep = (batch.edge_param >= 0)[:, None] & (
             torch.arange(k, device=length.device)[None] < length[:, None])
         out = batch.clone()
-        out.edge_attr = batch.edge_attr + torch.where(keep, edge_update[:, :k], 0.0).to(
-            batch.edge_attr.dtype)
+        out.edge_attr = edge_attr + torch.where(keep, edge_update[:, :k], 0.0).to(
+            edge_attr.dtype)
         has_bias = batch.node_param[:, Slot.BIAS] >= 0
-        x = batch.x.clone()
+        x = x.clone()
         x[:, Slot.BIAS] = x[:, Slot.BIAS] + torch.where(has_bias, bias_update, 0.0).to(x.dtype)
         out.x = x
         return out
