@@ -39,7 +39,7 @@ from ..symmetry._act import gl_transform
 from ..symmetry._index import head_of_nodes
 from ._backbone import weight_edge_mask
 from ._mpnn import graph_ids, mlp
-from ._stats import NUM_STATS, tensor_statistics
+from ._stats import NUM_STATS, TensorStatistics, squash, tensor_statistics
 
 __all__ = ["AlphaMap", "Alpha", "statistics_per_node", "STAT_FEATURES"]
 
@@ -47,12 +47,8 @@ __all__ = ["AlphaMap", "Alpha", "statistics_per_node", "STAT_FEATURES"]
 STAT_FEATURES = 3 * NUM_STATS
 
 
-def _squash(t: Tensor) -> Tensor:
-    """Signed ``log1p``: keeps statistics of very different magnitudes in range."""
-    return torch.sign(t) * torch.log1p(t.abs())
-
-
-def statistics_per_node(batch, exclude: Tensor | None = None) -> Tensor:
+def statistics_per_node(batch, exclude: Tensor | None = None,
+                        stats: TensorStatistics | None = None) -> Tensor:
     """``[|V|, 21]`` statistics seen by each node: its layer's weight tensors, its layer's
     node-held tensors (biases, norm parameters), and all tensors of its network.
 
@@ -62,9 +58,10 @@ def statistics_per_node(batch, exclude: Tensor | None = None) -> Tensor:
     Args:
         exclude: optional ``[P]`` boolean mask over parameter ids to leave out
             (e.g. attention projections, for a GL-invariant α).
+        stats: :func:`tensor_statistics` of ``batch``, when already computed.
     """
-    st = tensor_statistics(batch)
-    stats = _squash(st.stats)
+    st = tensor_statistics(batch) if stats is None else stats
+    stats = squash(st.stats)
     if exclude is not None:
         keep = ~exclude[st.param]
         stats, graph, layer, on_nodes = stats[keep], st.graph[keep], st.layer[keep], \

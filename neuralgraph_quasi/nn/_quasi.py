@@ -8,7 +8,8 @@ from torch import Tensor, nn
 from ..graph._schema import Slot
 from ._alpha import Alpha, AlphaMap, statistics_per_node
 from ._backbone import Backbone
-from ._mpnn import MPNN, mlp
+from ._mpnn import MPNN, graph_ids, mlp
+from ._stats import NUM_STATS, layer_statistics, tensor_statistics
 
 __all__ = ["QuasiGNN", "BACKBONES"]
 
@@ -61,6 +62,10 @@ class QuasiGNN(nn.Module):
         alpha_after: index of the backbone layer after which α acts (default: the middle,
             ``num_layers // 2 - 1``, or 0 with one layer).
         gamma_hidden: hidden width of α's MLPs γ.
+        readout_stats: also give the prediction head the per-layer statistics of the input
+            network's tensors (``layer_statistics``, ``stat_depth`` layers), as STATNN sees
+            them. Invariant to permutations but not to scalings, so only with ``"mpnn"``.
+        stat_depth: layers of the statistics table (deeper layers share its last row).
 
     Attributes:
         invariant_to: (``predict``) kinds, as in :func:`~neuralgraph_quasi.symmetry.sample`,
@@ -72,7 +77,8 @@ class QuasiGNN(nn.Module):
     def __init__(self, hidden_dim: int = 64, num_layers: int = 4, task: str = "predict",
                  quasi: bool = True, backbone: str = "mpnn", eps_init: float = 0.01,
                  out_dim: int = 1, kernel_width: int = 9, alpha: str = "learned",
-                 alpha_after: int | None = None, gamma_hidden: int = 32) -> None:
+                 alpha_after: int | None = None, gamma_hidden: int = 32,
+                 readout_stats: bool | None = None, stat_depth: int = 32) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -92,29 +98,44 @@ class QuasiGNN(nn.Module):
         # statistics are not: GL factors built from them would break scale invariance.
         self.alpha = AlphaMap(hidden_dim, gamma_hidden, eps_init, frozen=alpha == "frozen",
                               gl=backbone != "scale_mpnn") if quasi else None
-        if task == "predict":
-            self.head = mlp(self.backbone.readout_dim, hidden_dim, out_dim)
         kinds = self.backbone.equivariant_to
+        if readout_stats is None:
+            readout_stats = task == "predict" and "scale" not in kinds
+        if readout_stats and "scale" in kinds:
+            raise ValueError("readout_stats=True would break the scale invariance of "
+                             f"backbone={backbone!r}: weight statistics change under scalings")
+        self.readout_stats = bool(readout_stats) and task == "predict"
+        self.stat_depth = stat_depth
+        if task == "predict":
+            stat_dim = stat_depth * 2 * NUM_STATS if self.readout_stats else 0
+            self.head = mlp(self.backbone.readout_dim + stat_dim, hidden_dim, out_dim)
         self.invariant_to = frozenset(kinds) if task == "predict" else frozenset()
         self.equivariant_to = frozenset(kinds) if task == "edit" else frozenset()
         self.last_alpha: Alpha | None = None
 
-    def states(self, batch) -> tuple[Tensor, Tensor]:
+    def states(self, batch, stats=None) -> tuple[Tensor, Tensor]:
         """Node and edge states after the backbone (α applied where configured)."""
         h, e = self.backbone.encode(batch)
         self.last_alpha = None
         for i in range(self.backbone.num_layers):
             h, e = self.backbone.layer(i, batch, h, e)
             if self.alpha is not None and i == self.alpha_after:
-                self.last_alpha = self.alpha(batch, h, statistics_per_node(batch))
+                stats = tensor_statistics(batch) if stats is None else stats
+                self.last_alpha = self.alpha(batch, h, statistics_per_node(batch, stats=stats))
                 h, e = self.last_alpha.act(batch, h, e)
         return h, e
 
     def forward(self, batch):
-        h, e = self.states(batch)
-        if self.task == "predict":
-            return self.head(self.backbone.readout(batch, h, e))
-        return self._edited(batch, *self.backbone.edit(batch, h, e))
+        stats = tensor_statistics(batch) if self.readout_stats or self.alpha is not None \
+            else None
+        h, e = self.states(batch, stats)
+        if self.task == "edit":
+            return self._edited(batch, *self.backbone.edit(batch, h, e))
+        features = self.backbone.readout(batch, h, e)
+        if self.readout_stats:
+            table = layer_statistics(stats, graph_ids(batch)[1], self.stat_depth)
+            features = torch.cat([features, table.flatten(1).to(features.dtype)], dim=-1)
+        return self.head(features)
 
     def _edited(self, batch, edge_update: Tensor, bias_update: Tensor):
         """``α(θ)·θ + Δ``: the input's weights moved by α, plus the head's update, on the

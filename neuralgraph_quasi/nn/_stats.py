@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from torch_geometric.utils import scatter
 
-__all__ = ["TensorStatistics", "tensor_statistics", "QUANTILES", "NUM_STATS"]
+__all__ = ["TensorStatistics", "tensor_statistics", "layer_statistics", "QUANTILES", "NUM_STATS",
+           "squash"]
 
 #: Quantile levels, as in "Quasi-Equivariant Metanetworks" (Appendix B.1).
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -110,3 +111,23 @@ def tensor_statistics(batch) -> TensorStatistics:
                            reduce="max").bool()
     return TensorStatistics(stats, keys // num_params, keys % num_params, counts, seg_layer,
                             seg_on_nodes)
+
+
+def squash(t: Tensor) -> Tensor:
+    """Signed ``log1p``: keeps statistics of very different magnitudes in range."""
+    return torch.sign(t) * torch.log1p(t.abs())
+
+
+def layer_statistics(stats: TensorStatistics, num_graphs: int, depth: int) -> Tensor:
+    """``[B, depth, 2, 7]``: per graph and layer, the mean (squashed) statistics of the
+    weight tensors (``[..., 0, :]``) and of the node-held tensors (``[..., 1, :]``).
+
+    Layers at or past ``depth`` share the last row; absent entries are zero. Invariant to
+    every permutation symmetry (statistics do not see the order of entries, and layers
+    are never permuted).
+    """
+    layer = stats.layer.clamp(max=depth - 1)
+    cell = (stats.graph * depth + layer) * 2 + stats.on_nodes.long()
+    table = scatter(squash(stats.stats), cell, 0, dim_size=num_graphs * depth * 2,
+                    reduce="mean")
+    return table.view(num_graphs, depth, 2, NUM_STATS)
