@@ -7,12 +7,21 @@ garbage collector run before each repeat.
 
     python scripts/benchmark.py                  # all sections, full sizes
     python scripts/benchmark.py --quick          # smoke run
-    python scripts/benchmark.py --sections conversion --out outputs/conv.json
+    python scripts/benchmark.py --sections conversion --json outputs/conv.json
+    python scripts/benchmark.py --sections training inference --device cuda \\
+        --json docs/benchmarks_h100.json      # issue #8's GPU table (add --amp for bf16)
+
+The ``training`` and ``inference`` sections time ``QuasiGNN`` (4 layers, quasi and plain)
+on SIREN, CNN-zoo and AGNews-transformer batches built once and moved to the device before
+the clock starts; each repeat is several steps between two device synchronisations. On the
+CPU (or with ``--quick``) they use smaller batches and fewer repeats (see ``CPU_SIZES``);
+every row names its batch and width.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -24,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,7 +42,9 @@ import torch
 from torch import nn
 
 import neuralgraph_quasi as nq
-from neuralgraph_quasi.models import TransformerClassifier
+import neuralgraph_quasi.nn  # noqa: F401  (nq.nn.QuasiGNN)
+from neuralgraph_quasi.data.cnn_zoo import small_cnn
+from neuralgraph_quasi.models import TransformerClassifier, siren
 
 Row = dict[str, Any]
 Section = Callable[[argparse.Namespace], list[Row]]
@@ -84,17 +96,9 @@ def throughput(section_name: str, name: str, fn: Callable[[], object], models: i
 
 # -- models -----------------------------------------------------------------------
 def cnn_zoo_model() -> nn.Sequential:
-    """The CNN-zoo architecture: 3x Conv2d(16, 3x3, stride 2) + ReLU, pool, Linear(16, 10).
-
-    4,970 parameters for one input channel.
-    """
-    layers: list[nn.Module] = []
-    channels = 1
-    for _ in range(3):
-        layers += [nn.Conv2d(channels, 16, 3, stride=2), nn.ReLU()]
-        channels = 16
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)]
-    return nn.Sequential(*layers)
+    """The CNN-zoo architecture (:func:`~neuralgraph_quasi.data.cnn_zoo.small_cnn`): 3x
+    Conv2d(16, 3x3, stride 2) + ReLU, pool, Linear(16, 10); 4,970 parameters."""
+    return small_cnn()
 
 
 def stacked_states(like: nn.Module, count: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -236,6 +240,235 @@ def zoo_generation(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+# -- metanetwork throughput -------------------------------------------------------
+#: Issue #8's GPU targets (one H100), checked in the notes of the matching CUDA rows.
+SIREN_TARGETS = {512: 16_500.0, 128: 8_000.0}  # graphs/s, width 32, 4 layers, training
+ALPHA_OVERHEAD_TARGET = 0.10  # 1 - quasi/plain graphs/s
+AGNEWS_EPOCH_GRAPHS, AGNEWS_EPOCH_TARGET_S = 10_000, 20.0  # batch 128, training
+NUM_LAYERS = 4
+
+#: The zoo architectures the metanetworks are timed on: key -> (label, model factory).
+WORKLOADS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
+    "siren": ("SIREN 2-32-32-1", siren),
+    "cnn": ("CNN-zoo", small_cnn),
+    "agnews": ("AGNews transformer", TransformerClassifier),
+}
+
+
+@dataclass(frozen=True)
+class GNNSizes:
+    """What the training and inference sections run: batches per workload, widths, and
+    ``repeats`` timed runs of ``steps`` steps each after ``warmup`` untimed steps."""
+
+    batches: dict[str, tuple[int, ...]]
+    widths: tuple[int, ...]
+    warmup: int
+    steps: int
+    repeats: int
+
+
+#: Issue #8's sizes, for a GPU: AGNews only at batch 128 (~2.3M edges).
+FULL_SIZES = GNNSizes({"siren": (128, 512), "cnn": (128, 512), "agnews": (128,)},
+                      (32, 128), warmup=10, steps=20, repeats=5)
+#: The full sizes would take hours on 2 CPU cores: smaller batches, one step per repeat.
+CPU_SIZES = GNNSizes({"siren": (16, 64), "cnn": (16, 64), "agnews": (4,)},
+                     (32, 128), warmup=1, steps=1, repeats=3)
+#: ``--quick``: a smoke run of seconds.
+QUICK_SIZES = GNNSizes({"siren": (8,), "cnn": (8,), "agnews": (2,)}, (16,), warmup=1, steps=1,
+                       repeats=2)
+
+
+def gnn_sizes(args: argparse.Namespace) -> GNNSizes:
+    if args.quick:
+        return QUICK_SIZES
+    return FULL_SIZES if resolve_device(args.device).type == "cuda" else CPU_SIZES
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_timed(step: Callable[[], object], device: torch.device, sizes: GNNSizes
+                 ) -> list[float]:
+    """Seconds of each of ``sizes.repeats`` runs of ``sizes.steps`` calls of ``step``, after
+    ``sizes.warmup`` untimed calls; the device is synchronised before each clock reading."""
+    for _ in range(sizes.warmup):
+        step()
+    times = []
+    for _ in range(sizes.repeats):
+        gc.collect()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(sizes.steps):
+            step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def device_batch(key: str, size: int, device: torch.device):
+    """``size`` random members of workload ``key``'s zoo, batched once and moved to
+    ``device`` (as the trainer has them), and the graphs' kernel width."""
+    like = WORKLOADS[key][1]()
+    graphs = nq.to_graphs(like, stacked_states(like, size))
+    return nq.collate(graphs).to(device), graphs[0].kernel_width
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on ``device`` (as the trainer's ``amp``), or nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def gnn_rows(args: argparse.Namespace, section_name: str, train: bool) -> list[Row]:
+    """Graphs/s of ``QuasiGNN`` (quasi and plain) on every workload, batch and width."""
+    device, sizes = resolve_device(args.device), gnn_sizes(args)
+    amp = bool(args.amp) and train
+    rows: list[Row] = []
+    for key, batches in sizes.batches.items():
+        label = WORKLOADS[key][0]
+        for size in batches:
+            batch, kernel_width = device_batch(key, size, device)
+            edges = int(batch.num_edges)
+            target = torch.randn(size, 1, device=device)
+            for width in sizes.widths:
+                pair = {}
+                for quasi in (True, False):
+                    torch.manual_seed(0)
+                    model = nq.nn.QuasiGNN(width, NUM_LAYERS, quasi=quasi,
+                                           kernel_width=kernel_width).to(device)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    step = (train_step(model, batch, target, device, amp) if train
+                            else predict_step(model, batch, device))
+                    times = device_timed(step, device, sizes)
+                    median = statistics.median(times)
+                    graphs = size * sizes.steps
+                    name = (f"{label} b{size} w{width} {'quasi' if quasi else 'plain'}"
+                            + (" amp" if amp else ""))
+                    row = {"section": section_name, "name": name, "workload": key,
+                           "batch": size, "width": width, "layers": NUM_LAYERS,
+                           "quasi": quasi, "amp": amp, "device": str(device),
+                           "edges_per_batch": edges, "models": graphs, "seconds": median,
+                           "models_per_s": graphs / median, "graphs_per_s": graphs / median,
+                           "warmup": sizes.warmup, "steps": sizes.steps,
+                           "repeats": sizes.repeats, "times": times,
+                           "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 2**30
+                                           if device.type == "cuda" else None)}
+                    pair[quasi] = row
+                    rows.append(row)
+                    del model, step
+                    gc.collect()
+                ratio = pair[True]["graphs_per_s"] / pair[False]["graphs_per_s"]
+                pair[True]["quasi_over_plain"] = ratio
+                notes = [f"α overhead {1 - ratio:+.1%}"]
+                if device.type == "cuda":  # the target is a GPU one
+                    verdict = "met" if 1 - ratio <= ALPHA_OVERHEAD_TARGET else "MISSED"
+                    notes[0] += f" (target ≤ {ALPHA_OVERHEAD_TARGET:.0%}: {verdict})"
+                notes += target_notes(pair[True], train, device)
+                pair[True]["note"] = "; ".join(notes)
+                plain_notes = target_notes(pair[False], train, device)
+                if plain_notes:
+                    pair[False]["note"] = "; ".join(plain_notes)
+            del batch, target
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def target_notes(row: Row, train: bool, device: torch.device) -> list[str]:
+    """Issue #8's targets that ``row`` (a training row on CUDA) is measured against."""
+    if not train or device.type != "cuda":
+        return []
+    rate = row["graphs_per_s"]
+    if row["workload"] == "siren" and row["width"] == 32 and row["batch"] in SIREN_TARGETS:
+        goal = SIREN_TARGETS[row["batch"]]
+        return [f"target ≥ {goal:,.0f} graphs/s: {'met' if rate >= goal else 'MISSED'}"]
+    if row["workload"] == "agnews" and row["batch"] == 128:
+        epoch = AGNEWS_EPOCH_GRAPHS / rate
+        row["epoch_10k_s"] = epoch
+        verdict = "met" if epoch < AGNEWS_EPOCH_TARGET_S else "MISSED"
+        return [f"epoch of {AGNEWS_EPOCH_GRAPHS:,} graphs {epoch:.1f} s "
+                f"(target < {AGNEWS_EPOCH_TARGET_S:g} s: {verdict})"]
+    return []
+
+
+def train_step(model: nn.Module, batch, target: torch.Tensor, device: torch.device,
+               amp: bool) -> Callable[[], object]:
+    """One training step (forward, MSE loss, backward, AdamW step) on the fixed batch."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        with autocast(device, amp):
+            out = model(batch)
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def predict_step(model: nn.Module, batch, device: torch.device) -> Callable[[], object]:
+    """One prediction (eval mode, no autograd) of the fixed batch."""
+    model.eval()
+
+    def step() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(batch)
+
+    return step
+
+
+@section("training")
+def training(args: argparse.Namespace) -> list[Row]:
+    """Training graphs/s (forward, backward, optimizer step) of QuasiGNN, quasi and plain, on
+    SIREN, CNN-zoo and AGNews-transformer batches built once on the device; peak GPU memory."""
+    return gnn_rows(args, "training", train=True)
+
+
+@section("inference")
+def inference(args: argparse.Namespace) -> list[Row]:
+    """Prediction graphs/s (eval, no grad) of the same models and batches."""
+    return gnn_rows(args, "inference", train=False)
+
+
+@section("pipeline")
+def pipeline(args: argparse.Namespace) -> list[Row]:
+    """Share of a finished train run's wall time spent training the main model, from its
+    ``metrics.json`` (``--run-dir``, default: the newest under ``outputs/train``); skipped
+    when there is none."""
+    path = args.run_dir
+    if path is None:
+        found = sorted(Path("outputs/train").glob("*/*/metrics.json"),
+                       key=lambda p: p.stat().st_mtime)
+        path = found[-1].parent if found else None
+    metrics_file = None if path is None else Path(path) / "metrics.json"
+    if metrics_file is None or not metrics_file.exists():
+        print("  pipeline: no train run found (pass --run-dir), skipped")
+        return []
+    metrics = json.loads(metrics_file.read_text())
+    wall, train = float(metrics["wall_time_s"]), float(metrics["train_time_s"])
+    graphs = int(metrics.get("dataset_size", 0))
+    stages = (("training the model", train),
+              ("everything else (zoo, conversion, eval, baseline, plots)", wall - train))
+    return [{"section": "pipeline", "name": name, "models": graphs, "seconds": seconds,
+             "models_per_s": None, "share": seconds / wall, "run": str(metrics_file.parent),
+             "note": f"{seconds / wall:.0%} of {wall:.0f} s"} for name, seconds in stages]
+
+
 # -- reporting --------------------------------------------------------------------
 def environment(threads: int) -> dict[str, Any]:
     """Versions, hardware and the git commit the numbers belong to."""
@@ -281,24 +514,28 @@ def cpu_model() -> str | None:
 
 
 def table(rows: list[Row]) -> str:
-    """The rows as an aligned text table."""
-    header = ("section", "benchmark", "models", "median s", "models/s", "note")
+    """The rows as an aligned markdown table."""
+    header = ("section", "benchmark", "models", "median s", "models/s", "peak GPU GB", "note")
     lines = []
     for r in rows:
         note = r.get("note", "")
         if "target_s" in r:
             verdict = "met" if r["seconds"] < r["target_s"] else "MISSED"
             note = f"target < {r['target_s']:g} s: {verdict}"
+        rate, mem = r.get("models_per_s"), r.get("peak_mem_gb")
         lines.append((r["section"], r["name"], f"{r['models']:,}", f"{r['seconds']:.4f}",
-                      f"{r['models_per_s']:,.1f}", note))
+                      "" if rate is None else f"{rate:,.1f}",
+                      "" if mem is None else f"{mem:.2f}", note))
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=True)]
-    numeric = {2, 3, 4}
+    numeric = {2, 3, 4, 5}
 
     def fmt(cells) -> str:
-        return "  ".join(str(c).rjust(w) if i in numeric else str(c).ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+        return "| " + " | ".join(str(c).rjust(w) if i in numeric else str(c).ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+                                 ) + " |"
 
-    rule = "  ".join("-" * w for w in widths)
+    rule = "|" + "|".join("-" * (w + 1) + (":" if i in numeric else "-")
+                          for i, w in enumerate(widths)) + "|"
     return "\n".join([fmt(header), rule, *map(fmt, lines)])
 
 
@@ -310,8 +547,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="NAME", help=f"sections to run (default: all of {list(SECTIONS)})")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default: 1)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/benchmark.json"),
-                        help="JSON output path (default: outputs/benchmark.json)")
+    parser.add_argument("--json", "--out", dest="out", type=Path,
+                        default=Path("outputs/benchmark.json"), metavar="PATH",
+                        help="write all results as JSON here (default: outputs/benchmark.json)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="device of the training and inference sections (default: auto, "
+                             "CUDA when available); CPU uses smaller batches")
+    parser.add_argument("--amp", action="store_true",
+                        help="bfloat16 autocast in the training section")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="pipeline section: a train run's output directory (metrics.json)")
     return parser.parse_args(argv)
 
 
@@ -324,7 +569,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"running {name} ...", flush=True)
             rows += SECTIONS[name](args)
     print(table(rows))
-    record = {"environment": environment(torch.get_num_threads()), "quick": args.quick,
+    device = resolve_device(args.device)
+    env = environment(torch.get_num_threads())
+    env["device"] = str(device)
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    record = {"environment": env, "quick": args.quick, "amp": args.amp,
               "sections": [s for s in SECTIONS if s in args.sections], "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")

@@ -9,14 +9,16 @@
 from ._alpha import Alpha, AlphaMap, statistics_per_node
 from ._backbone import Backbone
 from ._baselines import FlatMLP, flat_parameters
+from ._gl_invariant import gl_invariant_view
 from ._mpnn import MPNN, EdgeMPLayer
 from ._quasi import BACKBONES, QuasiGNN
 from ._statnn import StatNN
 from ._stats import NUM_STATS, QUANTILES, TensorStatistics, tensor_statistics
 
 __all__ = ["QuasiGNN", "BACKBONES", "Backbone", "MPNN", "EdgeMPLayer", "AlphaMap", "Alpha",
-           "statistics_per_node", "StatNN", "FlatMLP", "flat_parameters", "tensor_statistics",
-           "TensorStatistics", "QUANTILES", "NUM_STATS", "count_parameters"]
+           "statistics_per_node", "gl_invariant_view", "StatNN", "FlatMLP", "flat_parameters",
+           "tensor_statistics", "TensorStatistics", "QUANTILES", "NUM_STATS",
+           "count_parameters"]
 
 
 def count_parameters(module) -> int:

@@ -36,7 +36,7 @@ from torch_geometric.utils import scatter
 from ..graph._schema import NodeType
 from ..symmetry import GroupElement, scalable_nodes
 from ..symmetry._act import gl_transform
-from ..symmetry._index import head_of_nodes
+from ..symmetry._index import head_rows
 from ._backbone import weight_edge_mask
 from ._mpnn import graph_ids, mlp
 from ._stats import NUM_STATS, TensorStatistics, squash, tensor_statistics
@@ -177,9 +177,7 @@ class AlphaMap(nn.Module):
         raw = torch.sin(self.gamma_scale(z)[:, 0])
         scale = torch.where(mask, 1 + eps[0] * raw, torch.ones_like(raw))
         heads = (batch.node_type == NodeType.HEAD).nonzero().view(-1)
-        row = torch.full((batch.num_nodes,), -1, dtype=torch.long, device=h.device)
-        row[heads] = torch.arange(heads.numel(), device=h.device)
-        head_row = row[head_of_nodes(batch)]
+        head_row = head_rows(batch, heads)
         if heads.numel() == 0:
             empty = h.new_zeros(0, 0, 0)
             return Alpha(scale, head_row, heads, empty, empty)

@@ -7,8 +7,9 @@ from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 
-from ..graph._schema import NUM_SLOTS, Act, EdgeType, NodeOp, NodeType
+from ..graph._schema import NUM_SLOTS, Act, NodeOp, NodeType
 from ._backbone import Backbone, kernel_values, weight_edge_mask
+from ._gl_invariant import NUM_EDGE_CODES
 
 __all__ = ["MPNN", "EdgeMPLayer", "mlp"]
 
@@ -136,7 +137,7 @@ class MPNN(Backbone):
         self.node_layer = nn.Embedding(MAX_LAYER + 1, H)
         self.io_unit = nn.Embedding(2 * (MAX_IO_UNIT + 1), H)
         self.node_values = nn.Linear(NUM_SLOTS, H)
-        self.edge_type = nn.Embedding(len(EdgeType), H)
+        self.edge_type = nn.Embedding(NUM_EDGE_CODES, H)  # incl. GL-invariant product edges
         self.edge_values = nn.Linear(kernel_width, H)
         self.layers = nn.ModuleList(EdgeMPLayer(H) for _ in range(num_layers))
         self.pool = mlp(4 * H, H, H)

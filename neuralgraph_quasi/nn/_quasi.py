@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from ..graph._schema import Slot
 from ._alpha import Alpha, AlphaMap, statistics_per_node
 from ._backbone import Backbone
+from ._gl_invariant import gl_invariant_view
 from ._mpnn import MPNN, graph_ids, mlp
 from ._stats import NUM_STATS, layer_statistics, tensor_statistics
 
@@ -66,6 +67,9 @@ class QuasiGNN(nn.Module):
             network's tensors (``layer_statistics``, ``stat_depth`` layers), as STATNN sees
             them. Invariant to permutations but not to scalings, so only with ``"mpnn"``.
         stat_depth: layers of the statistics table (deeper layers share its last row).
+        gl_invariant: read attention through per-head ``W_Qᵀ W_K`` and ``W_O W_V`` products
+            (:func:`~neuralgraph_quasi.nn.gl_invariant_view`) instead of raw projections:
+            predictions become invariant to ``gl`` as well (``"mpnn"``, ``predict`` only).
 
     Attributes:
         invariant_to: (``predict``) kinds, as in :func:`~neuralgraph_quasi.symmetry.sample`,
@@ -78,7 +82,8 @@ class QuasiGNN(nn.Module):
                  quasi: bool = True, backbone: str = "mpnn", eps_init: float = 0.01,
                  out_dim: int = 1, kernel_width: int = 9, alpha: str = "learned",
                  alpha_after: int | None = None, gamma_hidden: int = 32,
-                 readout_stats: bool | None = None, stat_depth: int = 32) -> None:
+                 readout_stats: bool | None = None, stat_depth: int = 32,
+                 gl_invariant: bool = False) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -88,7 +93,11 @@ class QuasiGNN(nn.Module):
             raise ValueError(f"alpha must be 'learned' or 'frozen', got {alpha!r}")
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        if gl_invariant and (task != "predict" or backbone != "mpnn"):
+            raise ValueError("gl_invariant=True needs task='predict' and backbone='mpnn' (the "
+                             "view drops the raw attention weights an edit would write)")
         self.task, self.quasi, self.backbone_name = task, quasi, backbone
+        self.gl_invariant = gl_invariant
         self.backbone = BACKBONES[backbone](hidden_dim, num_layers, kernel_width)
         self.alpha_after = max(num_layers // 2 - 1, 0) if alpha_after is None else alpha_after
         if not 0 <= self.alpha_after < num_layers:
@@ -108,7 +117,11 @@ class QuasiGNN(nn.Module):
         self.stat_depth = stat_depth
         if task == "predict":
             stat_dim = stat_depth * 2 * NUM_STATS if self.readout_stats else 0
+            # standardised like STATNN's input (statistics span many orders of magnitude)
+            self.stat_norm = nn.BatchNorm1d(stat_dim) if self.readout_stats else None
             self.head = mlp(self.backbone.readout_dim + stat_dim, hidden_dim, out_dim)
+        if gl_invariant:
+            kinds = kinds | {"gl"}
         self.invariant_to = frozenset(kinds) if task == "predict" else frozenset()
         self.equivariant_to = frozenset(kinds) if task == "edit" else frozenset()
         self.last_alpha: Alpha | None = None
@@ -126,6 +139,8 @@ class QuasiGNN(nn.Module):
         return h, e
 
     def forward(self, batch):
+        if self.gl_invariant:
+            batch = gl_invariant_view(batch)
         stats = tensor_statistics(batch) if self.readout_stats or self.alpha is not None \
             else None
         h, e = self.states(batch, stats)
@@ -134,8 +149,17 @@ class QuasiGNN(nn.Module):
         features = self.backbone.readout(batch, h, e)
         if self.readout_stats:
             table = layer_statistics(stats, graph_ids(batch)[1], self.stat_depth)
-            features = torch.cat([features, table.flatten(1).to(features.dtype)], dim=-1)
+            table = self._standardise(table.flatten(1).to(features.dtype))
+            features = torch.cat([features, table], dim=-1)
         return self.head(features)
+
+    def _standardise(self, table: Tensor) -> Tensor:
+        """Batch-normalise the statistics; a single graph in training uses running stats."""
+        norm = self.stat_norm
+        if self.training and table.size(0) < 2:
+            return nn.functional.batch_norm(table, norm.running_mean, norm.running_var,
+                                            norm.weight, norm.bias, False, 0.0, norm.eps)
+        return norm(table)
 
     def _edited(self, batch, edge_update: Tensor, bias_update: Tensor):
         """``α(θ)·θ + Δ``: the input's weights moved by α, plus the head's update, on the

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..graph._schema import WEIGHT_EDGE_TYPES, EdgeType, NodeType, Slot
 from ._element import GroupElement
-from ._index import edge_map, head_of_nodes
+from ._index import edge_map, head_rows
 
 __all__ = ["act", "gl_transform"]
 
@@ -53,10 +53,8 @@ def _act_gl(g: GroupElement, graph, edge_attr: Tensor, x: Tensor) -> None:
     """Per head, multiply the Q/K/V row blocks and the O column block in place."""
     if g.heads.numel() == 0:
         return
-    row = torch.full((graph.num_nodes,), -1, dtype=torch.long, device=x.device)
-    row[g.heads] = torch.arange(g.heads.numel(), device=x.device)
     dtype = edge_attr.dtype
-    edges, bias = gl_transform(graph, row[head_of_nodes(graph)], g.M.to(dtype), g.N.to(dtype),
+    edges, bias = gl_transform(graph, head_rows(graph, g.heads), g.M.to(dtype), g.N.to(dtype),
                                edge_attr, x[:, Slot.BIAS:Slot.BIAS + 1])
     edge_attr.copy_(edges)
     x[:, Slot.BIAS] = bias[:, 0]

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from ..graph._schema import EdgeType
 
-__all__ = ["graph_of_nodes", "encode", "find", "lookup", "edge_map", "head_of_nodes"]
+__all__ = ["graph_of_nodes", "encode", "find", "lookup", "edge_map", "head_of_nodes",
+           "head_rows"]
 
 
 def graph_of_nodes(graph) -> Tensor:
@@ -62,3 +63,12 @@ def head_of_nodes(graph) -> Tensor:
     head = torch.full((graph.num_nodes,), -1, dtype=torch.long, device=graph.x.device)
     head[graph.edge_index[1, member]] = graph.edge_index[0, member]
     return head
+
+
+def head_rows(graph, heads: Tensor) -> Tensor:
+    """``[N]`` position in ``heads`` (head node ids) of each Q/K/V coordinate's head; -1 for
+    every other node (head nodes included)."""
+    row = torch.full((graph.num_nodes,), -1, dtype=torch.long, device=heads.device)
+    row[heads] = torch.arange(heads.numel(), device=heads.device)
+    owner = head_of_nodes(graph)
+    return torch.where(owner >= 0, row[owner.clamp(min=0)], -1)

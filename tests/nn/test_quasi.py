@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from neuralgraph_quasi import collate, models, to_graph, to_model
-from neuralgraph_quasi.nn import FlatMLP, QuasiGNN, StatNN, count_parameters, flat_parameters
+from neuralgraph_quasi.nn import (
+    FlatMLP,
+    QuasiGNN,
+    StatNN,
+    count_parameters,
+    flat_parameters,
+    gl_invariant_view,
+)
 from neuralgraph_quasi.symmetry import act, sample
 from neuralgraph_quasi.testing import assert_invariant, assert_same_function, equivariance_error
 
@@ -282,3 +289,81 @@ def test_kernels_wider_than_the_model_are_refused():
     batch, _ = _batch(["cnn"])
     with pytest.raises(ValueError, match=r"kernel vectors of width 9 .* kernel_width=4"):
         QuasiGNN(8, 2, kernel_width=4)(batch)
+
+
+# -- the GL-invariant attention view ----------------------------------------------------------
+
+def test_gl_invariant_view_holds_the_per_head_products():
+    from neuralgraph_quasi.nn._gl_invariant import QK_PRODUCT, VO_PRODUCT
+
+    (model,) = _models(["transformer"])
+    view = gl_invariant_view(to_graph(model))
+    attention = model.encoder[0].attention
+    d_head = 4
+    for code, expected in (
+            (QK_PRODUCT, [attention.queries.weight[h * d_head:(h + 1) * d_head].T
+                          @ attention.keys.weight[h * d_head:(h + 1) * d_head]
+                          for h in range(2)]),
+            (VO_PRODUCT, [(attention.out_projection.weight[:, h * d_head:(h + 1) * d_head]
+                           @ attention.values.weight[h * d_head:(h + 1) * d_head]).T
+                          for h in range(2)])):
+        sel = view.edge_type == code
+        src, dst = view.edge_index[:, sel]
+        got = torch.zeros(8, 8, 2, dtype=torch.float64)  # [from unit, to unit, k-th head]
+        seen = torch.zeros(8, 8, dtype=torch.long)
+        for s, d, v in zip(view.node_unit[src].tolist(), view.node_unit[dst].tolist(),
+                           view.edge_attr[sel, 0].tolist(), strict=True):
+            got[s, d, seen[s, d]] = v
+            seen[s, d] += 1
+        assert bool((seen == 2).all())  # one edge per head for every pair of dimensions
+        want = torch.stack(expected, dim=-1)
+        assert torch.allclose(got.sort(-1).values, want.sort(-1).values, rtol=1e-12)
+    raw = torch.isin(view.edge_type[:to_graph(model).num_edges], torch.arange(3, 7))
+    assert float(view.edge_attr[:raw.numel()][raw].abs().max()) == 0.0
+
+
+def test_gl_invariant_predictions_are_invariant_to_gl_and_the_raw_ones_are_not():
+    batch, _ = _batch(["mlp", "transformer"])
+    mha = to_graph(nn.MultiheadAttention(6, 3, kdim=4, vdim=5).double())
+    batch = collate([*batch.to_data_list(), mha])
+    net = _net(eps=0.5, gl_invariant=True)
+    assert net.invariant_to == {"permutation", "head_permutation", "gl"}
+    assert_invariant(net, batch, [*net.invariant_to, "reindex"], tol=INVARIANCE_TOL,
+                     generator=_generator())
+    raw = _net(eps=0.5)
+    assert equivariance_error(raw, batch, ["gl"], output="invariant",
+                              generator=_generator()) > 1e-6
+
+
+def test_gl_invariant_view_is_refused_for_editing():
+    with pytest.raises(ValueError, match="gl_invariant=True needs task='predict'"):
+        QuasiGNN(8, 2, task="edit", gl_invariant=True)
+
+
+def test_alpha_finds_heads_wherever_the_head_nodes_are_listed():
+    """Regression: with a head node listed last, nodes outside every head must not be
+    taken for members of that head."""
+    from neuralgraph_quasi.graph._schema import NodeType
+    from neuralgraph_quasi.symmetry import reindex
+
+    batch, _ = _batch(["transformer"])
+    heads = (batch.node_type == NodeType.HEAD).nonzero().view(-1)
+    order = torch.cat([torch.tensor([i for i in range(batch.num_nodes)
+                                     if i != int(heads[-1])]), heads[-1:]])
+    moved = reindex(batch)[0]
+    moved = moved.clone()
+    for key in ("x", "node_type", "node_op", "node_layer", "node_perm", "node_unit", "node_head",
+                "node_pos", "node_act", "node_param", "node_offset", "batch"):
+        moved[key] = batch[key][order]
+    new_id = torch.empty_like(order)
+    new_id[order] = torch.arange(order.numel())
+    moved.edge_index = new_id[batch.edge_index]
+    for key in [k for k in batch.keys() if k.startswith("edge_") and k != "edge_index"]:
+        moved[key] = batch[key]
+    assert int(moved.node_type[-1]) == NodeType.HEAD
+    net = _net(eps=0.5)
+    net(moved)
+    members = moved.node_head >= 0
+    members &= moved.node_type != NodeType.HEAD
+    assert bool((net.last_alpha.head_row[~members] == -1).all())
+    assert torch.allclose(net(moved), net(batch), rtol=1e-12)
