@@ -114,7 +114,8 @@ def equivariance_error(fn: Callable, graph, kinds: Sequence[str] | None = None, 
             ``"permutation"`` (``fn`` returns ``(node_features, edge_features)``
             that move with the nodes and edges), ``"graph"`` (``fn`` returns a
             graph, acted on like the input), or a callable
-            ``(element, graph, out) -> expected``.
+            ``(element, graph, out) -> expected``; with ``"reindex"`` such a callable must
+            return ``(node_features, edge_features)``, which then move with the nodes and edges.
         trials: number of random draws.
         generator: CPU generator for reproducibility.
         scale_range: range of sampled positive scales.
@@ -142,11 +143,13 @@ def equivariance_error(fn: Callable, graph, kinds: Sequence[str] | None = None, 
 def _reindex_output(output, target, nodes: Tensor, edges: Tensor, moved):
     if output == "invariant":
         return target
-    if output == "permutation":
+    if output == "permutation" or (callable(output) and isinstance(target, tuple)
+                                   and len(target) == 2):
         return target[0][nodes], target[1][edges]
     if output == "graph":
         return reindex_like(target, nodes, edges)
-    raise ValueError("re-indexing needs output 'invariant', 'permutation' or 'graph'")
+    raise ValueError("re-indexing needs output 'invariant', 'permutation', 'graph', or a "
+                     "callable returning (node_features, edge_features)")
 
 
 def reindex_like(graph, nodes: Tensor, edges: Tensor):

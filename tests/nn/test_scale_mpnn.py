@@ -12,7 +12,7 @@ from torch import nn
 from neuralgraph_quasi import collate, models, to_graph
 from neuralgraph_quasi.graph._schema import NodeType
 from neuralgraph_quasi.nn._scale_mpnn import ScaleMessages, ScaleMPNN, canon
-from neuralgraph_quasi.symmetry import act, identity, reindex, sample, scalable_nodes
+from neuralgraph_quasi.symmetry import act, identity, sample, scalable_nodes
 from neuralgraph_quasi.symmetry._index import edge_map
 from neuralgraph_quasi.testing import assert_invariant, equivariance_error
 
@@ -84,25 +84,10 @@ def _like_weights(element, graph, out):
 
 
 def _error(fn, graph, kinds, trials: int = 2, scale_range=WIDE) -> float:
-    """Like :func:`equivariance_error` with output ``_like_weights``, re-indexing included
-    (``"reindex"`` in ``kinds``), which ``equivariance_error`` supports for string outputs
-    only."""
-    generator = torch.Generator().manual_seed(0)
-    group = [k for k in kinds if k != "reindex"]
-    worst = 0.0
-    with torch.no_grad():
-        base = fn(graph)
-        for _ in range(trials):
-            element = sample(graph, generator, group, scale_range)
-            moved, target = act(element, graph), _like_weights(element, graph, base)
-            if "reindex" in kinds:
-                moved, nodes, edges = reindex(moved, generator)
-                target = target[0][nodes], target[1][edges]
-            out = fn(moved)
-            num = sum(float((a - b).norm() ** 2) for a, b in zip(out, target, strict=True))
-            den = sum(float(b.norm() ** 2) for b in target)
-            worst = max(worst, (num / den) ** 0.5)
-    return worst
+    """:func:`equivariance_error` with states transforming like weights and biases."""
+    return equivariance_error(fn, graph, kinds, output=_like_weights, trials=trials,
+                              generator=torch.Generator().manual_seed(0),
+                              scale_range=scale_range)
 
 
 def test_canon_is_scale_invariant_and_finite_at_zero():
