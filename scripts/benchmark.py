@@ -563,17 +563,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    # the commit and tree the numbers belong to: read before the runs, not after
+    env = environment(torch.get_num_threads())
+    env["device"] = str(device)
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
     rows = []
     for name in SECTIONS:  # registry order, whatever order they were asked in
         if name in args.sections:
             print(f"running {name} ...", flush=True)
             rows += SECTIONS[name](args)
     print(table(rows))
-    device = resolve_device(args.device)
-    env = environment(torch.get_num_threads())
-    env["device"] = str(device)
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
     record = {"environment": env, "quick": args.quick, "amp": args.amp,
               "sections": [s for s in SECTIONS if s in args.sections], "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -268,6 +268,17 @@ class GraphZoo(Dataset):
     def len(self) -> int:
         return int(self._members.numel())
 
+    def locate(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Where the graphs at ``positions`` of this split are stored: their member ids,
+        architecture ids, and rows in that architecture's value matrix."""
+        members = self._members[positions]
+        return members, self._part_of[members], self._row_of[members]
+
+    def architecture(self, arch_id: int) -> dict[str, Any]:
+        """What is stored for one architecture: its ``template`` (shared structure),
+        ``values`` ``[M, P]`` (flat parameters per member), ``ints``, ``targets``."""
+        return self._parts[arch_id]
+
     def get(self, idx: int) -> NeuralGraph:
         member = int(self._members[idx])
         part_id = int(self._part_of[member])

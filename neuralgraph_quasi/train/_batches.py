@@ -63,13 +63,11 @@ class ZooLoader:
         if not self.fast:
             return collate([self.dataset[int(i)] for i in positions]).to(self.device)
         ds = self.dataset
-        members = ds._members[positions]
-        part_ids = ds._part_of[members]
+        members, part_ids, rows = ds.locate(positions)
         if bool((part_ids != part_ids[0]).any()):
             return collate([ds[int(i)] for i in positions]).to(self.device)
         part_id = int(part_ids[0])
-        part = ds._parts[part_id]
-        rows = ds._row_of[members]
+        part = ds.architecture(part_id)
         count = int(positions.numel())
         structure = self._structure.get((part_id, count))
         if structure is None:
