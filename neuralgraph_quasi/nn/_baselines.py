@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._statnn import normalised_mlp
+
 __all__ = ["FlatMLP", "flat_parameters"]
 
 
@@ -52,14 +54,8 @@ class FlatMLP(nn.Module):
                  out_dim: int = 1) -> None:
         super().__init__()
         self.num_params = num_params
-        layers: list[nn.Module] = [nn.LayerNorm(num_params)]
-        for i in range(num_layers):
-            last = i == num_layers - 1
-            layers.append(nn.Linear(num_params if i == 0 else hidden_dim,
-                                    out_dim if last else hidden_dim))
-            if not last:
-                layers.append(nn.ReLU())
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = normalised_mlp(nn.LayerNorm(num_params), num_params, hidden_dim, num_layers,
+                                  out_dim)
 
     def forward(self, batch) -> Tensor:
         flat = flat_parameters(batch)

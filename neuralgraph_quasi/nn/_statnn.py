@@ -7,7 +7,20 @@ from torch import Tensor, nn
 
 from ._stats import NUM_STATS, tensor_statistics
 
-__all__ = ["StatNN"]
+__all__ = ["StatNN", "normalised_mlp"]
+
+
+def normalised_mlp(norm: nn.Module, in_dim: int, hidden_dim: int, num_layers: int,
+                   out_dim: int) -> nn.Sequential:
+    """``norm`` then ``num_layers`` linear layers with ReLUs between them."""
+    layers: list[nn.Module] = [norm]
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        layers.append(nn.Linear(in_dim if i == 0 else hidden_dim,
+                                out_dim if last else hidden_dim))
+        if not last:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
 
 
 class StatNN(nn.Module):
@@ -39,14 +52,7 @@ class StatNN(nn.Module):
         super().__init__()
         self.num_tensors = num_tensors
         width = num_tensors * NUM_STATS
-        layers: list[nn.Module] = [nn.BatchNorm1d(width)]
-        for i in range(num_layers):
-            last = i == num_layers - 1
-            layers.append(nn.Linear(width if i == 0 else hidden_dim,
-                                    out_dim if last else hidden_dim))
-            if not last:
-                layers.append(nn.ReLU())
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = normalised_mlp(nn.BatchNorm1d(width), width, hidden_dim, num_layers, out_dim)
 
     def features(self, batch) -> Tensor:
         """``[B, num_tensors * 7]``: the statistics of each graph, in parameter order."""
