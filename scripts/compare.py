@@ -6,7 +6,8 @@
 
 Each (threshold, model, seed) is one ``neuralgraph_quasi.train.run`` in
 ``<output_dir>/t<threshold>/<model>/seed<seed>``; a finished one (metrics.json present) is
-not rerun, so an interrupted comparison resumes. Writes ``results.md`` (Kendall tau mean
+not rerun, and an interrupted one goes on from its ``last.ckpt``, so an interrupted
+comparison resumes where it stopped. Writes ``results.md`` (Kendall tau mean
 +- standard error, parameter counts, the quasi model's extra parameters in %) and
 ``results.json``.
 """
@@ -82,9 +83,14 @@ def main(cfg: DictConfig) -> None:
                 if done.exists():
                     metrics = json.loads(done.read_text())
                 else:
+                    # an interrupted run (Ctrl-C, or a time limit's SIGINT) goes on from its
+                    # last checkpoint
+                    resume = ([f"trainer.resume={run_dir}"]
+                              if (run_dir / "last.ckpt").exists() else [])
                     run_cfg = compose("compare", overrides=[
                         *base, f"model={m}", f"seed={s}",
-                        f"min_accuracy={t if t > 0 else 'null'}", f"output_dir={run_dir}"])
+                        f"min_accuracy={t if t > 0 else 'null'}", f"output_dir={run_dir}",
+                        *resume])
                     try:
                         metrics = run(run_cfg, cli_overrides=set(_keys(base)))
                     except ValueError as exc:  # e.g. an empty split at a high threshold

@@ -46,3 +46,21 @@ def test_predict_script_reads_a_saved_module(train_cfg, tmp_path):
     text = _script(str(ROOT / "scripts" / "predict.py"), f"run={cfg.output_dir}",
                    f"model={tmp_path / 'member.pt'}", cwd=tmp_path)
     assert "predicted accuracy: 0." in text
+
+
+def test_compare_goes_on_from_an_interrupted_runs_checkpoint(zoo_dir, train_cfg, tmp_path):
+    from neuralgraph_quasi.train import run
+
+    out = tmp_path / "cmp"
+    args = ["debug=tiny", "eval.augment=null", "plots=false", "train_baseline=false",
+            f"paths.data_dir={zoo_dir}", f"paths.output_dir={tmp_path}"]
+    # a run stopped after its first epoch: last.ckpt written, no metrics.json
+    first = train_cfg(*args[1:], "model=statnn", "seed=0", "trainer.epochs=1",
+                      f"output_dir={out / 't0' / 'statnn' / 'seed0'}", config="compare")
+    run(first)
+    (out / "t0" / "statnn" / "seed0" / "metrics.json").unlink()
+    _script(str(ROOT / "scripts" / "compare.py"), *args, "trainer.epochs=2",
+            "compare.models=[statnn]", "compare.seeds=[0]", "compare.thresholds=[0.0]",
+            "compare.reference=statnn", f"output_dir={out}", cwd=tmp_path)
+    metrics = json.loads((out / "t0" / "statnn" / "seed0" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] and metrics["resumed_from_step"] > 0
