@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 __all__ = ["runtime_shapes", "build_model", "num_trainable"]
@@ -38,7 +38,8 @@ def build_model(model_cfg: DictConfig | dict, runtime: dict[str, Any]) -> nn.Mod
     """
     cfg = model_cfg if isinstance(model_cfg, DictConfig) else OmegaConf.create(model_cfg)
     cfg = cfg.copy()
-    match = cfg.pop("match_params", None) if "match_params" in cfg else None
+    with open_dict(cfg):  # hydra's configs are in struct mode, which forbids pop
+        match = cfg.pop("match_params", None)
     if match is not None:
         reference = num_trainable(_instantiate(OmegaConf.merge(cfg, match), runtime))
         width = int(match.get("hidden_dim") or 1)

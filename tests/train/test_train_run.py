@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from neuralgraph_quasi.train import apply_gpu_defaults, load_run, run
 
@@ -92,3 +93,28 @@ def test_zoo_loader_batches_equal_pyg_collation(train_cfg):
     for key in slow.keys():
         a, b = slow[key], fast[key]
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
+
+
+MODELS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs/model")
+                .glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_config_builds_from_the_composed_config(name, train_cfg):
+    """Hydra hands over struct-mode configs: each model config must build from one as it is
+    (a regression: ``large_gnn``'s ``match_params`` could not be popped)."""
+    from neuralgraph_quasi import to_graph
+    from neuralgraph_quasi.models import TransformerClassifier as Classifier
+    from neuralgraph_quasi.train import build_model, num_trainable, runtime_shapes
+
+    cfg = train_cfg(f"model={name}")
+    runtime = runtime_shapes(to_graph(Classifier()), out_dim=1, task="predict")
+    model = build_model(cfg.model, runtime)
+    assert num_trainable(model) > 0
+    if name == "large_gnn":  # the smallest width with at least the quasi model's parameters
+        quasi = num_trainable(build_model(train_cfg("model=quasi_gnn").model, runtime))
+        plain = {**OmegaConf.to_container(cfg.model, resolve=True), "match_params": None}
+        counts = [num_trainable(build_model({**plain, "hidden_dim": w}, runtime))
+                  for w in range(cfg.width, cfg.width + 8)]
+        first = next(c for c in counts if c >= quasi)
+        assert num_trainable(model) == first > quasi > counts[0]
