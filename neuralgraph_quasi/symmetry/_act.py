@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from ..graph._schema import WEIGHT_EDGE_TYPES, EdgeType, NodeType, Slot
 from ._element import GroupElement
 from ._index import edge_map, head_rows
+from ._memo import structural
 
 __all__ = ["act", "gl_transform"]
 
@@ -79,31 +80,60 @@ def gl_transform(graph, head_row: Tensor, M: Tensor, N: Tensor, edge_values: Ten
         ``M``, of ``W_K`` by ``M⁻ᵀ``, of ``W_V`` by ``Nᵀ``, columns of ``W_O`` by ``N⁻ᵀ``
         (so its row blocks by ``N⁻¹``); the inverses come from one batched solve per head.
     """
-    eye = torch.eye(M.size(-1), dtype=M.dtype, device=M.device).expand_as(M)
-    M_inv, N_inv = torch.linalg.solve(M, eye), torch.linalg.solve(N, eye)
+    M_inv, N_inv = _inverse(M), _inverse(N)
     factors = {EdgeType.ATTN_Q: M, EdgeType.ATTN_K: M_inv.mT,
                EdgeType.ATTN_V: N.mT, EdgeType.ATTN_O: N_inv}
-    n, width = graph.num_nodes, M.size(-1)
+    width = M.size(-1)
+    edges, nodes = structural(graph, "gl_transform", lambda: _gl_plan(graph, head_row),
+                              extra=(head_row,))
+    for etype, sel, pos, group_head, inv, num_groups in edges:
+        block = edge_values.new_zeros(num_groups, width, edge_values.size(1))
+        block = block.index_put((inv, pos), edge_values[sel])
+        block = factors[etype][group_head] @ block
+        # under autocast the product may come back in a lower precision than the values
+        edge_values = edge_values.index_copy(0, sel, block[inv, pos].to(edge_values.dtype))
+    for etype, idx, h, pos in nodes:
+        A = factors[etype]
+        block = node_values.new_zeros(A.size(0), width, node_values.size(1))
+        block = block.index_put((h, pos), node_values[idx])
+        node_values = node_values.index_copy(0, idx, (A @ block)[h, pos].to(node_values.dtype))
+    return edge_values, node_values
+
+
+def _inverse(A: Tensor) -> Tensor:
+    """``A⁻¹`` per head by one batched solve, in at least float32 (no half-precision
+    solver). On a GPU without the singularity check, which would wait for the device: the
+    factors that act there (α's, sampled elements) are invertible by construction."""
+    dtype = torch.float32 if A.dtype in (torch.float16, torch.bfloat16) else A.dtype
+    work = A.to(dtype)
+    eye = torch.eye(A.size(-1), dtype=dtype, device=A.device).expand_as(work)
+    if A.device.type == "cpu":
+        inverse = torch.linalg.solve(work, eye)
+    else:
+        inverse = torch.linalg.solve_ex(work, eye)[0]
+    return inverse.to(A.dtype)
+
+
+def _gl_plan(graph, head_row: Tensor):
+    """Index tensors of :func:`gl_transform` (structure only): per attention edge type, the
+    edges, the position of their Q/K/V coordinate, their ``(head, other endpoint)`` group;
+    per Q/K/V node type, the nodes, their head rows and positions."""
+    n = graph.num_nodes
     src, dst = graph.edge_index
-    for etype, A in factors.items():
+    edges = []
+    for etype in (EdgeType.ATTN_Q, EdgeType.ATTN_K, EdgeType.ATTN_V, EdgeType.ATTN_O):
         sel = (graph.edge_type == etype).nonzero().view(-1)
         if sel.numel() == 0:
             continue
         coord, other = (src[sel], dst[sel]) if etype == EdgeType.ATTN_O else (dst[sel], src[sel])
         h, pos = head_row[coord], graph.node_pos[coord]
         groups, inv = torch.unique(h * n + other, return_inverse=True)
-        block = edge_values.new_zeros(groups.numel(), width, edge_values.size(1))
-        block = block.index_put((inv, pos), edge_values[sel])
-        block = A[groups // n] @ block
-        edge_values = edge_values.index_copy(0, sel, block[inv, pos])
+        edges.append((etype, sel, pos, groups // n, inv, groups.numel()))
+    nodes = []
     for ntype, etype in ((NodeType.QUERY, EdgeType.ATTN_Q), (NodeType.KEY, EdgeType.ATTN_K),
                          (NodeType.VALUE, EdgeType.ATTN_V)):
-        nodes = (graph.node_type == ntype).nonzero().view(-1)
-        if nodes.numel() == 0:
+        idx = (graph.node_type == ntype).nonzero().view(-1)
+        if idx.numel() == 0:
             continue
-        A = factors[etype]
-        h, pos = head_row[nodes], graph.node_pos[nodes]
-        block = node_values.new_zeros(A.size(0), width, node_values.size(1))
-        block = block.index_put((h, pos), node_values[nodes])
-        node_values = node_values.index_copy(0, nodes, (A @ block)[h, pos])
-    return edge_values, node_values
+        nodes.append((etype, idx, head_row[idx], graph.node_pos[idx]))
+    return tuple(edges), tuple(nodes)

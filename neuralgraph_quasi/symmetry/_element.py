@@ -70,8 +70,9 @@ class GroupElement:
 
     def _head_map(self) -> Tensor:
         """``r`` such that head row ``k`` is mapped by ``σ`` to head row ``r[k]``."""
-        row = torch.full((self.num_nodes,), -1, dtype=torch.long)
-        row[self.heads] = torch.arange(self.heads.numel())
+        device = self.heads.device
+        row = torch.full((self.num_nodes,), -1, dtype=torch.long, device=device)
+        row[self.heads] = torch.arange(self.heads.numel(), device=device)
         return row[self.perm[self.heads]]
 
     def _check(self, other: GroupElement) -> None:
@@ -94,7 +95,7 @@ class GroupElement:
     def inverse(self) -> GroupElement:
         """The element that undoes this one."""
         inv = torch.empty_like(self.perm)
-        inv[self.perm] = torch.arange(self.num_nodes)
+        inv[self.perm] = torch.arange(self.num_nodes, device=self.perm.device)
         scale = (1.0 / self.scale)[inv]
         # M'[k] = M⁻¹[σ(k)] for head rows.
         r = self._head_map()
@@ -106,7 +107,7 @@ class GroupElement:
                                                      self.N)))
 
     def __repr__(self) -> str:
-        moved = int((self.perm != torch.arange(self.num_nodes)).sum())
+        moved = int((self.perm != torch.arange(self.num_nodes, device=self.perm.device)).sum())
         scaled = int((self.scale != 1).sum())
         return (f"GroupElement(nodes={self.num_nodes}, permuted={moved}, scaled={scaled}, "
                 f"heads={self.heads.numel()})")
