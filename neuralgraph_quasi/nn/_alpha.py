@@ -37,8 +37,9 @@ from ..graph._schema import NodeType
 from ..symmetry import GroupElement, scalable_nodes
 from ..symmetry._act import gl_transform
 from ..symmetry._index import head_rows
+from ..symmetry._memo import structural
 from ._backbone import weight_edge_mask
-from ._mpnn import graph_ids, mlp
+from ._mpnn import exact_dtype, graph_ids, mlp
 from ._stats import NUM_STATS, TensorStatistics, squash, tensor_statistics
 
 __all__ = ["AlphaMap", "Alpha", "statistics_per_node", "STAT_FEATURES"]
@@ -62,21 +63,22 @@ def statistics_per_node(batch, exclude: Tensor | None = None,
     """
     st = tensor_statistics(batch) if stats is None else stats
     stats = squash(st.stats)
-    if exclude is not None:
-        keep = ~exclude[st.param]
-        stats, graph, layer, on_nodes = stats[keep], st.graph[keep], st.layer[keep], \
-            st.on_nodes[keep]
-    else:
-        graph, layer, on_nodes = st.graph, st.layer, st.on_nodes
     node_graph, num_graphs = graph_ids(batch)
-    depth = int(batch.node_layer.max()) + 1
-    cell = graph * depth + layer
+    depth = structural(batch, "depth", lambda: int(batch.node_layer.max()) + 1)
     cells = num_graphs * depth
-    weights = scatter(stats[~on_nodes], cell[~on_nodes], 0, dim_size=cells, reduce="mean")
-    values = scatter(stats[on_nodes], cell[on_nodes], 0, dim_size=cells, reduce="mean")
-    network = scatter(stats, graph, 0, dim_size=num_graphs, reduce="mean")
+    # One scatter for both parts (cell, on_nodes), instead of boolean masks (which wait for
+    # the device); excluded tensors go to a last, dropped row.
+    part = (st.graph * depth + st.layer) * 2 + st.on_nodes.long()
+    graph = st.graph
+    if exclude is not None:
+        drop = exclude[st.param]
+        part = torch.where(drop, 2 * cells, part)
+        graph = torch.where(drop, num_graphs, graph)
+    table = scatter(stats, part, 0, dim_size=2 * cells + 1, reduce="mean")[:2 * cells]
+    table = table.view(cells, 2, stats.size(1))
+    network = scatter(stats, graph, 0, dim_size=num_graphs + 1, reduce="mean")[:num_graphs]
     node_cell = node_graph * depth + batch.node_layer
-    return torch.cat([weights[node_cell], values[node_cell], network[node_graph]], dim=-1)
+    return torch.cat([table[node_cell, 0], table[node_cell, 1], network[node_graph]], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -168,44 +170,79 @@ class AlphaMap(nn.Module):
 
     def forward(self, batch, h: Tensor, stats: Tensor | None = None) -> Alpha:
         """α for ``batch``, given node states ``h [|V|, S]`` (and optionally the
-        precomputed :func:`statistics_per_node`)."""
+        precomputed :func:`statistics_per_node`).
+
+        α is computed in at least float32 (``h`` may be bfloat16 under autocast: scales
+        ``1 + ε·sin(·)`` with ``ε ≈ 0.01`` would round to 1 in bfloat16).
+        """
         stats = statistics_per_node(batch) if stats is None else stats
         stats = stats.to(h.dtype)
-        eps = self.eps.to(h.dtype)
+        dtype = exact_dtype(h.dtype)
+        eps = self.eps.to(dtype)
         z = torch.cat([stats, h], dim=-1)
-        mask = scalable_nodes(batch)
-        raw = torch.sin(self.gamma_scale(z)[:, 0])
-        scale = torch.where(mask, 1 + eps[0] * raw, torch.ones_like(raw))
-        heads = (batch.node_type == NodeType.HEAD).nonzero().view(-1)
-        head_row = head_rows(batch, heads)
-        if heads.numel() == 0:
-            empty = h.new_zeros(0, 0, 0)
-            return Alpha(scale, head_row, heads, empty, empty)
-        M, N = self._gl_factors(batch, h, z, heads, head_row, eps)
-        return Alpha(scale, head_row, heads, M, N)
+        plan = structural(batch, "alpha", lambda: _alpha_plan(batch))
+        raw = torch.sin(self.gamma_scale(z)[:, 0].to(dtype))
+        scale = torch.where(plan.scalable, 1 + eps[0] * raw, torch.ones_like(raw))
+        if plan.heads.numel() == 0:
+            empty = h.new_zeros(0, 0, 0, dtype=dtype)
+            return Alpha(scale, plan.head_row, plan.heads, empty, empty)
+        M, N = self._gl_factors(plan, h, z, eps)
+        return Alpha(scale, plan.head_row, plan.heads, M, N)
 
-    def _gl_factors(self, batch, h, z, heads, head_row, eps) -> tuple[Tensor, Tensor]:
-        num_heads = heads.numel()
-        coord = head_row >= 0
-        width = int(batch.node_pos[coord].max()) + 1
-        size = torch.zeros(num_heads, dtype=h.dtype, device=h.device)
-        size = size.scatter_reduce(0, head_row[coord], (batch.node_pos[coord] + 1).to(h.dtype),
-                                   reduce="amax")
-        valid = torch.arange(width, device=h.device)[None] < size[:, None]
+    def _gl_factors(self, plan: _AlphaPlan, h, z, eps) -> tuple[Tensor, Tensor]:
+        num_heads, width, dtype = plan.heads.numel(), plan.width, eps.dtype
+        size = plan.size.to(dtype)
+        valid = torch.arange(width, device=h.device)[None] < plan.size[:, None]
         pair = valid[:, :, None] & valid[:, None, :]
-        eye = torch.eye(width, dtype=h.dtype, device=h.device).expand(num_heads, width, width)
-        context = z[heads]
+        eye = torch.eye(width, dtype=dtype, device=h.device).expand(num_heads, width, width)
+        context = z[plan.heads]
         factors = []
-        for gamma, types, k in ((self.gamma_qk, (NodeType.QUERY, NodeType.KEY), 1),
-                                (self.gamma_vo, (NodeType.VALUE,), 2)):
+        for gamma, members, k in ((self.gamma_qk, plan.qk, 1), (self.gamma_vo, plan.v, 2)):
             if not self.gl:
                 factors.append(eye)
                 continue
             per_position = h.new_zeros(num_heads, width, h.size(1))
-            for t in types:
-                nodes = (batch.node_type == t).nonzero().view(-1)
-                per_position = per_position.index_put(
-                    (head_row[nodes], batch.node_pos[nodes]), h[nodes], accumulate=True)
-            noise = torch.where(pair, torch.sin(gamma(per_position, context)), 0.0)
+            for nodes, rows, pos in members:
+                per_position = per_position.index_put((rows, pos), h[nodes], accumulate=True)
+            noise = torch.where(pair, torch.sin(gamma(per_position, context).to(dtype)), 0.0)
             factors.append(eye + eps[k] * noise / size[:, None, None])
         return factors[0], factors[1]
+
+
+@dataclass(frozen=True)
+class _AlphaPlan:
+    """Structure-only inputs of α (memoised per batch structure): scalable nodes, head
+    nodes and rows, the widest head, each head's width, and the Q, K (``qk``) and V (``v``)
+    coordinates as ``(nodes, head rows, positions)``."""
+
+    scalable: Tensor
+    heads: Tensor
+    head_row: Tensor
+    width: int
+    size: Tensor
+    qk: tuple[tuple[Tensor, Tensor, Tensor], ...]
+    v: tuple[tuple[Tensor, Tensor, Tensor], ...]
+
+
+def _alpha_plan(batch) -> _AlphaPlan:
+    heads = (batch.node_type == NodeType.HEAD).nonzero().view(-1)
+    head_row = head_rows(batch, heads)
+    scalable = scalable_nodes(batch)
+    if heads.numel() == 0:
+        return _AlphaPlan(scalable, heads, head_row, 0, heads, (), ())
+    coord = (head_row >= 0).nonzero().view(-1)
+    pos = batch.node_pos[coord]
+    width = int(pos.max()) + 1
+    size = torch.zeros(heads.numel(), dtype=pos.dtype, device=pos.device).scatter_reduce(
+        0, head_row[coord], pos + 1, reduce="amax")
+
+    def members(*types):
+        out = []
+        for t in types:
+            nodes = (batch.node_type == t).nonzero().view(-1)
+            out.append((nodes, head_row[nodes], batch.node_pos[nodes]))
+        return tuple(out)
+
+    return _AlphaPlan(scalable, heads, head_row, width, size,
+                      members(NodeType.QUERY, NodeType.KEY), members(NodeType.VALUE))
+

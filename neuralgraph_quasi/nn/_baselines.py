@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..symmetry._memo import structural
 from ._statnn import normalised_mlp
 
 __all__ = ["FlatMLP", "flat_parameters"]
@@ -16,23 +17,30 @@ def flat_parameters(batch) -> Tensor:
     All graphs of the batch must hold the same number of values (one architecture, as
     in a zoo). The order is the graph's edge and node order, fixed by the architecture.
     """
+    rows, cols, nodes, slots, order, num_graphs = structural(
+        batch, "flat_parameters", lambda: _flat_plan(batch))
+    values = torch.cat([batch.edge_attr[rows, cols], batch.x[nodes, slots]])
+    return values[order].view(num_graphs, -1)
+
+
+def _flat_plan(batch):
+    """Where the values of :func:`flat_parameters` are and their order (structure only,
+    memoised: boolean masks and the count check would wait for the device)."""
     length = batch.edge_kshape.prod(-1)
     k = batch.edge_attr.size(1)
     mask = (batch.edge_param >= 0)[:, None] & (
         torch.arange(k, device=length.device)[None] < length[:, None])
-    slot = batch.node_param >= 0
+    rows, cols = mask.nonzero().unbind(1)
+    nodes, slots = (batch.node_param >= 0).nonzero().unbind(1)
     node_graph = batch.batch if getattr(batch, "batch", None) is not None else \
         torch.zeros(batch.num_nodes, dtype=torch.long, device=batch.x.device)
-    edge_graph = node_graph[batch.edge_index[1]]
-    values = torch.cat([batch.edge_attr[mask], batch.x[slot]])
-    graph = torch.cat([edge_graph[:, None].expand(-1, k)[mask],
-                       node_graph[:, None].expand(-1, slot.size(1))[slot]])
+    graph = torch.cat([node_graph[batch.edge_index[1, rows]], node_graph[nodes]])
     order = torch.argsort(graph, stable=True)
     counts = torch.bincount(graph)
     if bool((counts != counts[0]).any()):
         raise ValueError("FlatMLP needs graphs with the same number of parameters; the batch "
                          f"has {sorted(set(counts.tolist()))}")
-    return values[order].view(counts.numel(), -1)
+    return rows, cols, nodes, slots, order, counts.numel()
 
 
 class FlatMLP(nn.Module):

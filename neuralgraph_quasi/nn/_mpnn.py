@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
+from torch_geometric.nn.aggr import MeanAggregation, MultiAggregation, SumAggregation
 from torch_geometric.utils import scatter
 
 from ..graph._schema import NUM_SLOTS, Act, NodeOp, NodeType
+from ..symmetry._memo import structural
 from ._backbone import Backbone, kernel_values, weight_edge_mask
 from ._gl_invariant import NUM_EDGE_CODES
 
@@ -31,6 +33,50 @@ def graph_ids(batch) -> tuple[Tensor, int]:
     if b is None:
         return torch.zeros(batch.num_nodes, dtype=torch.long, device=batch.x.device), 1
     return b, int(batch.num_graphs)
+
+
+def readout_nodes(batch) -> tuple[Tensor, Tensor]:
+    """``(weight edges, OUTPUT nodes)`` as index tensors, memoised per batch structure (a
+    boolean mask would make every readout wait for the device)."""
+
+    def compute():
+        return (weight_edge_mask(batch).nonzero().view(-1),
+                (batch.node_type == NodeType.OUTPUT).nonzero().view(-1))
+
+    return structural(batch, "readout", compute)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_SUMS = (SumAggregation, MeanAggregation)
+
+
+def exact_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype``, or float32 for the half-precision types that autocast produces: where a
+    small deviation from 1 (α), a long sum or a weight passed through must not be rounded."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def exact(t: Tensor) -> Tensor:
+    """``t`` in float32 when autocast left it in half precision (before long sums)."""
+    return t.to(exact_dtype(t.dtype))
+
+
+def aggregate_exact(layer: MessagePassing, inputs: Tensor, index: Tensor,
+                    ptr: Tensor | None, dim_size: int | None) -> Tensor:
+    """``layer``'s aggregation, with sums and means accumulated in float32 when the messages
+    are in half precision (autocast): a node with hundreds of incoming messages would lose
+    most of its bits in a bfloat16 sum. ``max``/``min`` are exact in any precision. Other
+    precisions: PyG's aggregation unchanged."""
+    aggr = layer.aggr_module
+    if inputs.dtype not in _HALF:
+        return MessagePassing.aggregate(layer, inputs, index, ptr, dim_size)
+    parts = aggr.aggrs if isinstance(aggr, MultiAggregation) else [aggr]
+    if isinstance(aggr, MultiAggregation) and aggr.mode != "cat":
+        raise NotImplementedError(f"half-precision aggregation with mode={aggr.mode!r}")
+    wide = inputs.float()
+    outs = [part(wide if isinstance(part, _SUMS) else inputs, index, ptr=ptr,
+                 dim_size=dim_size, dim=layer.node_dim).float() for part in parts]
+    return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
 
 class EdgeMPLayer(MessagePassing):
@@ -94,6 +140,10 @@ class EdgeMPLayer(MessagePassing):
                               beta=beta_rev)
         h = self.node_norm(h + self.node_mlp(torch.cat([h, up, down], dim=-1)))
         return h, e
+
+    def aggregate(self, inputs: Tensor, index: Tensor, ptr: Tensor | None = None,
+                  dim_size: int | None = None) -> Tensor:
+        return aggregate_exact(self, inputs, index, ptr, dim_size)
 
     def edge_update(self, u_j: Tensor, v_i: Tensor, e: Tensor) -> Tensor:
         hidden = torch.nn.functional.silu(u_j + v_i + self.edge_self(e))
@@ -169,9 +219,9 @@ class MPNN(Backbone):
         """Mean and max of node states, mean of weight-edge states and of output nodes'
         states, per graph, through an MLP."""
         node_graph, num_graphs = graph_ids(batch)
-        weight = weight_edge_mask(batch)
+        weight, out = readout_nodes(batch)
         edge_graph = node_graph[batch.edge_index[1, weight]]
-        out = batch.node_type == NodeType.OUTPUT
+        h, e = exact(h), exact(e)  # long sums: not in half precision
         pooled = torch.cat([
             scatter(h, node_graph, 0, dim_size=num_graphs, reduce="mean"),
             scatter(h, node_graph, 0, dim_size=num_graphs, reduce="max"),

@@ -2,6 +2,9 @@ r"""QuasiGNN: a graph metanetwork ``F = α·β`` with the α-map acting between 
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -9,7 +12,7 @@ from ..graph._schema import Slot
 from ._alpha import Alpha, AlphaMap, statistics_per_node
 from ._backbone import Backbone
 from ._gl_invariant import gl_invariant_view
-from ._mpnn import MPNN, graph_ids, mlp
+from ._mpnn import MPNN, exact_dtype, graph_ids, mlp
 from ._stats import NUM_STATS, layer_statistics, tensor_statistics
 
 __all__ = ["QuasiGNN", "BACKBONES"]
@@ -24,6 +27,13 @@ def _scale_mpnn(hidden_dim: int, num_layers: int, kernel_width: int) -> Backbone
 #: Backbone factories by name: ``(hidden_dim, num_layers, kernel_width) -> Backbone``.
 BACKBONES = {"mpnn": MPNN, "scale_mpnn": _scale_mpnn}
 TASKS = ("predict", "edit")
+
+
+def _no_autocast(device_type: str):
+    """Autocast switched off on ``device_type`` where it is on."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class QuasiGNN(nn.Module):
@@ -149,7 +159,9 @@ class QuasiGNN(nn.Module):
         features = self.backbone.readout(batch, h, e)
         if self.readout_stats:
             table = layer_statistics(stats, graph_ids(batch)[1], self.stat_depth)
-            table = self._standardise(table.flatten(1).to(features.dtype))
+            # standardised in at least float32: statistics that vary little across networks
+            # would collapse to one bfloat16 value under autocast
+            table = self._standardise(table.flatten(1).to(exact_dtype(features.dtype)))
             features = torch.cat([features, table], dim=-1)
         return self.head(features)
 
@@ -172,16 +184,21 @@ class QuasiGNN(nn.Module):
         k = batch.edge_attr.size(1)
         edge_attr, x = batch.edge_attr, batch.x
         if self.last_alpha is not None:
-            values, edge_attr = self.last_alpha.act(
-                batch, x[:, [Slot.BIAS, Slot.GAIN]].to(edge_update.dtype),
-                edge_attr.to(edge_update.dtype))
+            # The output weights are α·θ + Δ: move θ at full precision (autocast off, at
+            # least float32), or bfloat16 would round every weight the edit passes through.
+            dtype = exact_dtype(edge_update.dtype)
+            with _no_autocast(x.device.type):
+                values, moved = self.last_alpha.act(
+                    batch, x[:, Slot.BIAS:Slot.GAIN + 1].to(dtype), edge_attr.to(dtype))
             x = x.clone()
-            x[:, [Slot.BIAS, Slot.GAIN]] = values.to(x.dtype)
-            edge_attr = edge_attr.to(batch.edge_attr.dtype)
+            x[:, Slot.BIAS:Slot.GAIN + 1] = values.to(x.dtype)
+            edge_attr = moved.to(batch.edge_attr.dtype)
         length = batch.edge_kshape.prod(-1)
         keep = (batch.edge_param >= 0)[:, None] & (
             torch.arange(k, device=length.device)[None] < length[:, None])
-        out = batch.clone()
+        # a shallow copy: the structure tensors are shared with the input (read-only, as a
+        # zoo's), so that what is memoised on them serves the output too
+        out = copy.copy(batch)
         out.edge_attr = edge_attr + torch.where(keep, edge_update[:, :k], 0.0).to(
             edge_attr.dtype)
         has_bias = batch.node_param[:, Slot.BIAS] >= 0

@@ -19,7 +19,9 @@ from torch_geometric.utils import scatter
 
 from ..graph._schema import NUM_SLOTS, Act, EdgeType, NodeOp, NodeType, Slot
 from ..symmetry import scalable_nodes
+from ..symmetry._memo import structural
 from ._backbone import Backbone, kernel_values, weight_edge_mask
+from ._mpnn import aggregate_exact, exact, readout_nodes
 
 __all__ = ["ScaleMPNN", "ScaleMPNNLayer", "ScaleMessages", "canon", "TINY"]
 
@@ -30,6 +32,9 @@ __all__ = ["ScaleMPNN", "ScaleMPNNLayer", "ScaleMessages", "canon", "TINY"]
 #: bounded by ``TINY^-1/2 = 1e12``: finite, no NaN. Overflow of ``‖v‖²`` needs
 #: ``‖v‖ > 1e19``, far above what degree-1 states reach (see :class:`ScaleMPNN`).
 TINY = 1e-24
+
+# ScaleMPNN.encode and QuasiGNN read these pairs of slots as slices
+assert Slot.GAIN == Slot.BIAS + 1 and Slot.RUNNING_VAR == Slot.RUNNING_MEAN + 1
 
 
 def canon(v: Tensor) -> Tensor:
@@ -114,6 +119,10 @@ class ScaleMessages(MessagePassing):
         return self.propagate(edge_index, h=h, hb=self.lin_B(h), gs=self.lin_send(hat_h),
                               gr=self.lin_recv(hat_h), ge=ge, e=e, fixed=fixed, weight=weight,
                               size=(h.size(0), h.size(0)))
+
+    def aggregate(self, inputs: Tensor, index: Tensor, ptr: Tensor | None = None,
+                  dim_size: int | None = None) -> Tensor:
+        return aggregate_exact(self, inputs, index, ptr, dim_size)
 
     def message(self, h_i: Tensor, hb_j: Tensor, gs_j: Tensor, gr_i: Tensor, ge: Tensor,
                 e: Tensor, fixed_i: Tensor, weight: Tensor) -> Tensor:
@@ -316,7 +325,7 @@ class ScaleMPNN(Backbone):
         """
         dtype = self.enc_x.weight.dtype
         src, dst = batch.edge_index
-        fixed = ~scalable_nodes(batch)
+        fixed = ~structural(batch, "scalable", lambda: scalable_nodes(batch))
         weight = weight_edge_mask(batch)
         free = ~weight | (fixed[src] & fixed[dst])
         layer = batch.node_layer.clamp(0, self.max_layer)
@@ -329,7 +338,8 @@ class ScaleMPNN(Backbone):
     def encode(self, batch, ctx: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         ctx = self.context(batch) if ctx is None else ctx
         x = batch.x.to(self.enc_x.weight.dtype)
-        values, stats = x[:, [Slot.BIAS, Slot.GAIN]], x[:, [Slot.RUNNING_MEAN, Slot.RUNNING_VAR]]
+        # slices, not lists of columns (a list is copied to the device, which waits for it)
+        values, stats = x[:, Slot.BIAS:Slot.GAIN + 1], x[:, Slot.RUNNING_MEAN:Slot.RUNNING_VAR + 1]
         t = ctx["node_emb"]
         h = (self.enc_x(values) * (self.enc_mult(t) + self.enc_stats(stats))
              + ctx["fixed"] * (self.enc_add(t) + self.enc_fixed(x)))
@@ -357,9 +367,9 @@ class ScaleMPNN(Backbone):
             graph, count = torch.zeros(h.size(0), dtype=torch.long, device=h.device), 1
         else:
             count = int(batch.num_graphs)
-        out = batch.node_type == NodeType.OUTPUT
-        weight = weight_edge_mask(batch)
+        weight, out = readout_nodes(batch)
         edge_graph = graph[batch.edge_index[0, weight]]
+        h, e = exact(h), exact(e)  # long sums: not in half precision
         return torch.cat([
             scatter(h[out], graph[out], 0, dim_size=count, reduce="mean"),
             scatter(h[out], graph[out], 0, dim_size=count, reduce="max"),

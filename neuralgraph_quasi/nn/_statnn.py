@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..symmetry._memo import structural
 from ._stats import NUM_STATS, tensor_statistics
 
 __all__ = ["StatNN", "normalised_mlp"]
@@ -57,12 +58,12 @@ class StatNN(nn.Module):
     def features(self, batch) -> Tensor:
         """``[B, num_tensors * 7]``: the statistics of each graph, in parameter order."""
         stats = tensor_statistics(batch)
-        num_graphs = int(stats.graph.max()) + 1 if stats.graph.numel() else 0
-        counts = torch.bincount(stats.graph, minlength=num_graphs)
-        if bool((counts != self.num_tensors).any()):
+        counts = structural(batch, "tensors_per_graph",
+                            lambda: torch.bincount(stats.graph).tolist())  # checked once
+        if any(c != self.num_tensors for c in counts):
             raise ValueError(f"StatNN expects {self.num_tensors} parameter tensors per graph; "
-                             f"the batch has {sorted(set(counts.tolist()))}")
-        return stats.stats.reshape(num_graphs, self.num_tensors * NUM_STATS)
+                             f"the batch has {sorted(set(counts))}")
+        return stats.stats.reshape(len(counts), self.num_tensors * NUM_STATS)
 
     def forward(self, batch) -> Tensor:
         return self.mlp(self.features(batch).to(self.mlp[0].weight.dtype))

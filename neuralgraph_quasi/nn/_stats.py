@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch_geometric.utils import scatter
 
+from ..symmetry._memo import structural
+
 __all__ = ["TensorStatistics", "tensor_statistics", "layer_statistics", "QUANTILES", "NUM_STATS",
            "squash"]
 
@@ -47,27 +49,48 @@ class TensorStatistics:
     on_nodes: Tensor
 
 
-def _values(batch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Every parameter value the batch holds: its graph, parameter id, layer, and whether
-    it sits in a node slot."""
+@dataclass(frozen=True)
+class _Segments:
+    """Where every parameter value of a batch sits and which segment it belongs to: the
+    structure-only part of :func:`tensor_statistics`, memoised per structure."""
+
+    rows: Tensor  # edge of each edge-held value
+    cols: Tensor  # its column in edge_attr
+    nodes: Tensor  # node of each node-held value
+    slots: Tensor  # its slot in x
+    segment: Tensor  # [values] segment of each value
+    graph: Tensor  # [S] per segment
+    param: Tensor
+    count: Tensor
+    start: Tensor  # first position of each segment among the sorted values
+    layer: Tensor
+    on_nodes: Tensor
+
+
+def _segments(batch) -> _Segments:
     device = batch.edge_attr.device
     node_graph = batch.batch if getattr(batch, "batch", None) is not None else \
         torch.zeros(batch.num_nodes, dtype=torch.long, device=device)
     has = batch.edge_param >= 0
     length = torch.where(has, batch.edge_kshape.prod(-1), 0)
     mask = torch.arange(batch.edge_attr.size(1), device=device) < length[:, None]
-    rows = mask.nonzero()[:, 0]
-    edge_values = batch.edge_attr[mask]
-    edge_graph = node_graph[batch.edge_index[1, rows]]
-    edge_param = batch.edge_param[rows]
-    slot = batch.node_param >= 0
-    nodes = slot.nonzero()[:, 0]
+    rows, cols = mask.nonzero().unbind(1)
+    nodes, slots = (batch.node_param >= 0).nonzero().unbind(1)
+    graph = torch.cat([node_graph[batch.edge_index[1, rows]], node_graph[nodes]])
+    param = torch.cat([batch.edge_param[rows], batch.node_param[nodes, slots]])
     layer = torch.cat([batch.edge_layer[rows], batch.node_layer[nodes]])
     on_nodes = torch.cat([torch.zeros_like(rows, dtype=torch.bool),
                           torch.ones_like(nodes, dtype=torch.bool)])
-    return (torch.cat([edge_values, batch.x[slot]]),
-            torch.cat([edge_graph, node_graph[nodes]]),
-            torch.cat([edge_param, batch.node_param[slot]]), layer, on_nodes)
+    num_params = int(param.max()) + 1 if param.numel() else 1
+    keys, segment = torch.unique(graph * num_params + param, return_inverse=True)
+    num_segments = keys.numel()
+    count = torch.zeros(num_segments, dtype=torch.long, device=device).scatter_add_(
+        0, segment, torch.ones_like(segment))
+    seg_layer = scatter(layer, segment, 0, dim_size=num_segments, reduce="max")
+    seg_on_nodes = scatter(on_nodes.long(), segment, 0, dim_size=num_segments,
+                           reduce="max").bool()
+    return _Segments(rows, cols, nodes, slots, segment, keys // num_params, keys % num_params,
+                     count, torch.cumsum(count, 0) - count, seg_layer, seg_on_nodes)
 
 
 def tensor_statistics(batch) -> TensorStatistics:
@@ -79,14 +102,14 @@ def tensor_statistics(batch) -> TensorStatistics:
     Returns:
         :class:`TensorStatistics`, segments sorted by ``(graph, param)``. Quantiles
         interpolate linearly between order statistics, as :func:`torch.quantile` does.
-    """
-    values, graph, param, layer, on_nodes = _values(batch)
-    num_params = int(param.max()) + 1 if param.numel() else 1
-    segment_key = graph * num_params + param
-    keys, segment = torch.unique(segment_key, return_inverse=True)
-    num_segments = keys.numel()
 
-    count = scatter(torch.ones_like(values), segment, 0, dim_size=num_segments, reduce="sum")
+    Which value belongs to which tensor is found once per structure
+    (:func:`~neuralgraph_quasi.symmetry._memo.structural`); each call only gathers the
+    values and reduces them, with no host-device synchronisation.
+    """
+    seg = structural(batch, "tensor_statistics", lambda: _segments(batch))
+    values = torch.cat([batch.edge_attr[seg.rows, seg.cols], batch.x[seg.nodes, seg.slots]])
+    segment, counts, num_segments = seg.segment, seg.count, seg.count.numel()
     mean = scatter(values, segment, 0, dim_size=num_segments, reduce="mean")
     var = scatter((values - mean[segment]) ** 2, segment, 0, dim_size=num_segments,
                   reduce="mean")
@@ -95,22 +118,28 @@ def tensor_statistics(batch) -> TensorStatistics:
     order = torch.argsort(values)
     order = order[torch.argsort(segment[order], stable=True)]
     ordered = values[order]
-    counts = count.long()
-    starts = torch.cumsum(counts, 0) - counts
-    levels = torch.tensor(QUANTILES, dtype=values.dtype, device=values.device)
+    levels = _levels(values.dtype, values.device)
     position = levels[None, :] * (counts[:, None] - 1).to(values.dtype)
     lo = position.floor().long()
     hi = position.ceil().long()
     frac = position - lo.to(values.dtype)
-    low, high = ordered[starts[:, None] + lo], ordered[starts[:, None] + hi]
+    low, high = ordered[seg.start[:, None] + lo], ordered[seg.start[:, None] + hi]
     quantiles = low + frac * (high - low)
 
     stats = torch.cat([mean[:, None], var[:, None], quantiles], dim=1)
-    seg_layer = scatter(layer, segment, 0, dim_size=num_segments, reduce="max")
-    seg_on_nodes = scatter(on_nodes.long(), segment, 0, dim_size=num_segments,
-                           reduce="max").bool()
-    return TensorStatistics(stats, keys // num_params, keys % num_params, counts, seg_layer,
-                            seg_on_nodes)
+    return TensorStatistics(stats, seg.graph, seg.param, counts, seg.layer, seg.on_nodes)
+
+
+_LEVELS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _levels(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:data:`QUANTILES` as a tensor, made once per dtype and device (a host-to-device copy
+    waits for the device)."""
+    key = (dtype, device)
+    if key not in _LEVELS:
+        _LEVELS[key] = torch.tensor(QUANTILES, dtype=dtype, device=device)
+    return _LEVELS[key]
 
 
 def squash(t: Tensor) -> Tensor:
