@@ -22,6 +22,7 @@ from torch_geometric.data import Batch
 
 from ..data import GraphZoo
 from ..graph import collate
+from ..symmetry._memo import share_structure_memo
 
 __all__ = ["ZooLoader"]
 
@@ -60,43 +61,73 @@ class ZooLoader:
 
     def batch(self, positions: Tensor) -> Batch:
         """The batch of the graphs at ``positions`` (of the dataset), on :attr:`device`."""
+        # Host-to-device copies are asynchronous (non_blocking): from pageable memory the copy
+        # is staged before the call returns, so the CPU tensors may be freed at once.
         if not self.fast:
-            return collate([self.dataset[int(i)] for i in positions]).to(self.device)
+            return collate([self.dataset[int(i)] for i in positions]).to(self.device,
+                                                                         non_blocking=True)
         ds = self.dataset
-        members, part_ids, rows = ds.locate(positions)
+        members, part_ids, rows = ds.locate(positions)  # CPU tensors: no device wait
         if bool((part_ids != part_ids[0]).any()):
-            return collate([ds[int(i)] for i in positions]).to(self.device)
+            return collate([ds[int(i)] for i in positions]).to(self.device, non_blocking=True)
         part_id = int(part_ids[0])
         part = ds.architecture(part_id)
         count = int(positions.numel())
         structure = self._structure.get((part_id, count))
         if structure is None:
             structure = collate([ds[int(positions[0])]] * count).to(self.device)
+            # every batch is a shallow copy of this structure: what the model memoises on it
+            # (index tensors, sizes; ``symmetry._memo``) is computed once, not per batch
+            share_structure_memo(structure)
             self._structure[(part_id, count)] = structure
         tpl = part["template"]
         values = part["values"][rows].to(self.device, non_blocking=True)
         edge_attr, x = tpl.materialize(values) if self.device.type == "cpu" else \
-            _materialize_on(tpl, values, self.device)
+            _device_template(tpl, self.device).materialize(values)
         batch = copy.copy(structure)
         batch.edge_attr = edge_attr.reshape(-1, edge_attr.size(-1))
         batch.x = x.reshape(-1, x.size(-1))
-        batch.int_buffers = part["ints"][rows].reshape(-1).to(self.device)
-        batch.y = part["targets"][rows].to(self.device)
+        batch.int_buffers = part["ints"][rows].reshape(-1).to(self.device, non_blocking=True)
+        batch.y = part["targets"][rows].to(self.device, non_blocking=True)
         batch.arch = torch.full((count,), part_id, dtype=torch.long, device=self.device)
-        batch.member = members.to(self.device)
+        batch.member = members.to(self.device, non_blocking=True)
         return batch
 
 
-_DEVICE_TEMPLATES: dict[tuple[int, str], object] = {}
+class DeviceTemplate:
+    """A :class:`~neuralgraph_quasi.graph._builder.Template`'s ``materialize`` with its
+    gather indices and masks on ``device``, made once per template: the template's own
+    method would move nothing but test ``edge_const`` for non-zeros on every call, which
+    waits for the device."""
+
+    def __init__(self, tpl, device: torch.device) -> None:
+        self.dtype, self.num_values = tpl.dtype, tpl.num_values
+        self.ecols = tpl.edge_gather.clamp(min=0).to(device)
+        self.ncols = tpl.node_gather.clamp(min=0).to(device)
+        self.emask = (tpl.edge_gather >= 0).to(device)
+        self.nmask = (tpl.node_gather >= 0).to(device)
+        const = tpl.edge_const.to(tpl.dtype)
+        self.const = const.to(device) if bool(const.ne(0).any()) else None
+
+    def materialize(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """``(edge_attr, x)`` from flat parameter values ``[P]`` or ``[M, P]`` (as
+        ``Template.materialize``)."""
+        flat = flat.to(self.dtype)
+        if self.num_values == 0:
+            flat = flat.new_zeros(*flat.shape[:-1], 1)
+        edge_attr = torch.where(self.emask, flat[..., self.ecols], 0)
+        if self.const is not None:
+            edge_attr[..., 0] += self.const
+        x = torch.where(self.nmask, flat[..., self.ncols], 0)
+        return edge_attr, x
 
 
-def _materialize_on(tpl, values: Tensor, device: torch.device):
-    """``tpl.materialize`` with the template's gather indices moved to ``device`` once."""
+_DEVICE_TEMPLATES: dict[tuple[int, str], tuple[object, DeviceTemplate]] = {}
+
+
+def _device_template(tpl, device: torch.device) -> DeviceTemplate:
     key = (id(tpl), str(device))
-    moved = _DEVICE_TEMPLATES.get(key)
-    if moved is None:
-        moved = copy.copy(tpl)
-        for name in ("edge_gather", "node_gather", "edge_const"):
-            setattr(moved, name, getattr(tpl, name).to(device))
-        _DEVICE_TEMPLATES[key] = moved
-    return moved.materialize(values)
+    hit = _DEVICE_TEMPLATES.get(key)
+    if hit is None or hit[0] is not tpl:  # the template is kept: its id cannot be reused
+        hit = _DEVICE_TEMPLATES[key] = (tpl, DeviceTemplate(tpl, device))
+    return hit[1]

@@ -13,40 +13,52 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
-from scipy import ndimage
 from torch import Tensor
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
 from ..data.inr_zoo import coordinate_grid
+from ..symmetry._memo import structural
 from ._tasks import Task
 
-__all__ = ["EditINR", "batched_flat", "render_batch"]
+__all__ = ["EditINR", "batched_flat", "render_batch", "grey_dilation"]
 
 
 def batched_flat(batch, params: list[dict]) -> Tensor:
     """``[B, P]`` flat parameter vectors of a batch of same-architecture graphs
-    (the batched, differentiable form of :func:`~neuralgraph_quasi.graph.flat_from_graph`)."""
-    sizes = torch.tensor([math.prod(p["shape"]) for p in params], device=batch.x.device)
-    starts = torch.cumsum(sizes, 0) - sizes
-    total = int(sizes.sum())
-    num_graphs = int(batch.num_graphs)
-    node_graph = batch.batch
-    width = batch.edge_attr.size(1)
-    cols = torch.arange(width, device=batch.x.device)
-    has = batch.edge_param >= 0
-    mask = has[:, None] & (cols < batch.edge_kshape.prod(-1)[:, None])
-    edge_graph = node_graph[batch.edge_index[1]]
-    epos = (edge_graph * total + starts[batch.edge_param.clamp(min=0)])[:, None] \
-        + batch.edge_offset[:, None] + cols
-    nmask = batch.node_param >= 0
-    npos = node_graph[:, None] * total + starts[batch.node_param.clamp(min=0)] + batch.node_offset
-    index = torch.cat([epos[mask], npos[nmask]])
-    values = torch.cat([batch.edge_attr[mask], batch.x[nmask]])
+    (the batched, differentiable form of :func:`~neuralgraph_quasi.graph.flat_from_graph`).
+
+    Where each value goes depends only on the structure: found once per batch structure
+    (``symmetry._memo``), each call is one gather and one scatter, with no host-device wait.
+    """
+    sizes = tuple(math.prod(p["shape"]) for p in params)
+    rows, cols, nodes, slots, index = structural(
+        batch, ("batched_flat", sizes), lambda: _flat_plan(batch, sizes))
+    values = torch.cat([batch.edge_attr[rows, cols], batch.x[nodes, slots]])
+    num_graphs, total = int(batch.num_graphs), sum(sizes)
     flat = values.new_zeros(num_graphs * total).index_put((index,), values)
     return flat.view(num_graphs, total)
+
+
+def _flat_plan(batch, sizes: tuple[int, ...]):
+    device = batch.x.device
+    sizes_t = torch.tensor(sizes, dtype=torch.long, device=device)
+    starts = torch.cumsum(sizes_t, 0) - sizes_t
+    total = sum(sizes)
+    node_graph = batch.batch
+    width = batch.edge_attr.size(1)
+    cols = torch.arange(width, device=device)
+    has = batch.edge_param >= 0
+    mask = has[:, None] & (cols < batch.edge_kshape.prod(-1)[:, None])
+    rows, cols = mask.nonzero().unbind(1)
+    edge_graph = node_graph[batch.edge_index[1, rows]]
+    param = batch.edge_param[rows]
+    epos = edge_graph * total + starts[param] + batch.edge_offset[rows] + cols
+    nodes, slots = (batch.node_param >= 0).nonzero().unbind(1)
+    npos = node_graph[nodes] * total + starts[batch.node_param[nodes, slots]] \
+        + batch.node_offset[nodes, slots]
+    return rows, cols, nodes, slots, torch.cat([epos, npos])
 
 
 def render_batch(model: torch.nn.Module, batch, params: list[dict], coords: Tensor) -> Tensor:
@@ -101,9 +113,7 @@ class EditINR(Task):
         s = self.image_size
         if self.transform == "contrast":
             return (self.factor * image).clamp(-1, 1)
-        grid = image.view(-1, s, s).cpu().numpy()
-        dilated = ndimage.grey_dilation(grid, size=(1, self.size, self.size), mode="nearest")
-        return torch.from_numpy(np.ascontiguousarray(dilated)).to(image.device).view(-1, s * s)
+        return grey_dilation(image.view(-1, s, s), self.size).view(-1, s * s)
 
     def loss(self, out, batch) -> Tensor:
         return F.mse_loss(self.render(out).float(), self.target(batch))
@@ -116,6 +126,20 @@ class EditINR(Task):
 
     def score(self, metrics: dict[str, float]) -> float:
         return -metrics["mse"]
+
+
+def grey_dilation(images: Tensor, size: int) -> Tensor:
+    """``scipy.ndimage.grey_dilation(images, size=(1, size, size), mode="nearest")`` on the
+    images' device (a max filter with edge replication; equal to scipy's, value for value),
+    so that the training step never copies images to the host.
+
+    Args:
+        images: ``[B, H, W]``.
+    """
+    before = (size - 1) // 2  # scipy's window for an even size reaches one further back
+    after = size - 1 - before
+    padded = F.pad(images[:, None], (before, after, before, after), mode="replicate")
+    return F.max_pool2d(padded, size, stride=1)[:, 0]
 
 
 def _zoo_image_size(root) -> int | None:

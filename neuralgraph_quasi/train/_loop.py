@@ -69,12 +69,13 @@ def evaluate(model: nn.Module, task: Task, dataset, device: torch.device, batch_
     for batch in ZooLoader(dataset, batch_size, device=device):
         with _autocast(device, amp):
             out = model(batch)
-        preds.append(task.predict(out, batch).detach().float().cpu())
-        targets.append(task.target(batch).detach().cpu())
+        # kept on the device: one copy to the host at the end, not a wait per batch
+        preds.append(task.predict(out, batch).detach().float())
+        targets.append(task.target(batch).detach())
     model.train(was_training)
     if not preds:
         return {}, torch.zeros(0), torch.zeros(0)
-    pred, target = torch.cat(preds), torch.cat(targets)
+    pred, target = torch.cat(preds).cpu(), torch.cat(targets).cpu()
     return task.metrics(pred, target), pred, target
 
 
@@ -152,8 +153,13 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         """Restore everything from checkpoint ``path`` (model, optimizer, scheduler, RNG,
-        step, epoch, position within the epoch, best score, history)."""
-        state = load_checkpoint(path, map_location=self.device)
+        step, epoch, position within the epoch, best score, history).
+
+        Read on the CPU: ``load_state_dict`` moves the model's and the optimizer's tensors
+        to their parameters' device, but leaves Adam's ``step`` counters where the file
+        put them; on the GPU, every step would then read them back (``.item()``), a wait
+        per parameter and step."""
+        state = load_checkpoint(path, map_location="cpu")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -171,7 +177,7 @@ class Trainer:
     def load_best(self) -> None:
         best = self.directory / "best.ckpt"
         if best.exists():
-            self.module.load_state_dict(load_checkpoint(best, self.device)["model"])
+            self.module.load_state_dict(load_checkpoint(best, "cpu")["model"])
 
     # -- training ---------------------------------------------------------------------
     def _loader(self) -> ZooLoader:

@@ -80,7 +80,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.ckpt",
         CheckpointError: naming the file, when it is missing or unreadable.
     """
     path = Path(run_dir) / checkpoint
-    state = load_checkpoint(path, map_location=device)
+    state = load_checkpoint(path, map_location="cpu")  # the model is moved below
     if "runtime" not in state or "model_config" not in state:
         raise CheckpointError(f"{path} does not record the model's shapes: not a run of "
                               "neuralgraph_quasi.train.run")
