@@ -208,6 +208,9 @@ def run(cfg: DictConfig, cli_overrides: set[str] | frozenset = frozenset()) -> d
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    if device.type == "cuda":  # TF32 matrix products (Ampere and later) unless tf32=false
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.trainer.get("tf32", True))
+        torch.backends.cudnn.allow_tf32 = bool(cfg.trainer.get("tf32", True))
     seed_everything(int(cfg.seed) + dist.rank)
     config = OmegaConf.to_container(cfg, resolve=True)
     progress = bool(cfg.trainer.get("progress", True))
