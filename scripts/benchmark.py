@@ -44,6 +44,7 @@ from torch import nn
 
 import neuralgraph_quasi as nq
 import neuralgraph_quasi.nn  # noqa: F401  (nq.nn.QuasiGNN)
+from neuralgraph_quasi.data._atomic import atomic_write_text
 from neuralgraph_quasi.data.cnn_zoo import small_cnn
 from neuralgraph_quasi.models import TransformerClassifier, siren
 
@@ -578,6 +579,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "CUDA when available); CPU uses smaller batches")
     parser.add_argument("--amp", action="store_true",
                         help="bfloat16 autocast in the training section")
+    parser.add_argument("--tf32", action="store_true",
+                        help="CUDA: float32 matrix products in TF32 (the trainer's default, "
+                             "trainer.tf32); off: full float32")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="pipeline section: a train run's output directory (metrics.json)")
     return parser.parse_args(argv)
@@ -592,16 +596,19 @@ def main(argv: list[str] | None = None) -> None:
     env["device"] = str(device)
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
-    rows = []
-    for name in SECTIONS:  # registry order, whatever order they were asked in
-        if name in args.sections:
-            print(f"running {name} ...", flush=True)
-            rows += SECTIONS[name](args)
-    print(table(rows))
-    record = {"environment": env, "quick": args.quick, "amp": args.amp,
-              "sections": [s for s in SECTIONS if s in args.sections], "results": rows}
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    sections = [s for s in SECTIONS if s in args.sections]  # registry order
+    rows: list[Row] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    for done, name in enumerate(sections, 1):
+        print(f"running {name} ...", flush=True)
+        rows += SECTIONS[name](args)
+        # after every section, so that a run stopped by a time limit keeps what it measured
+        record = {"environment": env, "quick": args.quick, "amp": args.amp, "tf32": args.tf32,
+                  "sections": sections, "complete": done == len(sections), "results": rows}
+        atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+    print(table(rows))
     print(f"wrote {args.out}")
 
 

@@ -6,7 +6,7 @@
 #            .whl/ <- hydra-core, omegaconf, antlr4 (the device image has torch, PyG, scipy,
 #            matplotlib, tensorboard... but not hydra); .whl/ and .gpu_runs/ are git-ignored
 #   device:  run(command="bash scripts/gpu_session.sh bench", carry=[".whl"])
-#            #8's table: $OUT/benchmarks_h100.json and the log $OUT/bench.log
+#            #8's table: $OUT/benchmarks_h100{,_tf32,_amp}.json and the log $OUT/bench.log
 #   device:  run(command="bash scripts/gpu_session.sh compare [HYDRA_OVERRIDE ...]",
 #                carry=[".whl", ".gpu_runs"])
 #            #6's table: scripts/compare.py experiment=agnews_quasi, stopped with SIGINT before
@@ -52,8 +52,15 @@ fetch)
 bench)
     setup_device
     set -o pipefail
-    python3 scripts/benchmark.py --sections training inference --device cuda \
-        --json "$OUT/benchmarks_h100.json" 2>&1 | tee "$OUT/bench.log"
+    # float32 first (the reference for the targets), then TF32 (the trainer's default on
+    # CUDA) and bfloat16 autocast; each writes its JSON after every section and is cut off
+    # in time for the next one to run inside the call's 10 minutes
+    timeout -s INT 300 python3 scripts/benchmark.py --sections training inference \
+        --device cuda --json "$OUT/benchmarks_h100.json" 2>&1 | tee "$OUT/bench.log" || true
+    timeout -s INT 120 python3 scripts/benchmark.py --sections training --device cuda --tf32 \
+        --json "$OUT/benchmarks_h100_tf32.json" 2>&1 | tee -a "$OUT/bench.log" || true
+    timeout -s INT 120 python3 scripts/benchmark.py --sections training --device cuda --amp \
+        --json "$OUT/benchmarks_h100_amp.json" 2>&1 | tee -a "$OUT/bench.log" || true
     ;;
 compare)
     shift

@@ -20,7 +20,8 @@ def test_quick_training_and_inference_write_finite_rates(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "| training" in done.stdout and "| inference" in done.stdout  # the markdown table
     record = json.loads(out_file.read_text())
-    assert record["sections"] == ["training", "inference"]
+    assert record["sections"] == ["training", "inference"] and record["complete"]
+    assert record["tf32"] is False
     assert record["environment"]["device"] == "cpu"
     rows = record["results"]
     for name in ("training", "inference"):
