@@ -39,6 +39,20 @@ def test_zoo_batches_share_what_the_model_memoises_on_their_structure(train_cfg,
     assert dict(check.calls) == {}
 
 
+def test_loaders_over_one_dataset_share_its_batch_structures(train_cfg):
+    """The trainer makes a loader per epoch and ``evaluate`` one per call: they must not
+    collate (seconds for a large batch) and memoise (device waits) the structure again."""
+    from neuralgraph_quasi.data import load_zoo
+
+    data = load_zoo(train_cfg().dataset, "train")
+    first = ZooLoader(data, 3).batch(torch.tensor([0, 1, 2]))
+    second = ZooLoader(data, 3).batch(torch.tensor([3, 4, 5]))
+    assert second.edge_index is first.edge_index
+    assert not torch.equal(second.edge_attr, first.edge_attr)
+    other_size = ZooLoader(data, 2).batch(torch.tensor([0, 1]))
+    assert other_size.num_graphs == 2 and other_size.edge_index is not first.edge_index
+
+
 def test_a_device_template_materialises_like_the_template():
     from neuralgraph_quasi.graph import template
 
