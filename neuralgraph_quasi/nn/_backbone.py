@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["Backbone", "kernel_values", "weight_edge_mask"]
+__all__ = ["Backbone", "kernel_values", "pad_kernels", "weight_edge_mask"]
 
 
 class Backbone(nn.Module):
@@ -71,13 +71,22 @@ def kernel_values(batch, width: int) -> Tensor:
     Raises:
         ValueError: when the batch holds longer kernel vectors than ``width``.
     """
-    k = batch.edge_attr.size(1)
+    return pad_kernels(batch.edge_attr, width)
+
+
+def pad_kernels(edge_attr: Tensor, width: int) -> Tensor:
+    """Edge vectors ``[|E|, k]`` zero-padded (never truncated) to ``width`` columns.
+
+    Raises:
+        ValueError: when ``k > width``.
+    """
+    k = edge_attr.size(1)
     if k > width:
         raise ValueError(f"the batch holds kernel vectors of width {k} but the model was built "
                          f"for kernel_width={width}: build it with kernel_width>={k}")
     if k == width:
-        return batch.edge_attr
-    return nn.functional.pad(batch.edge_attr, (0, width - k))
+        return edge_attr
+    return nn.functional.pad(edge_attr, (0, width - k))
 
 
 def weight_edge_mask(batch) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
@@ -10,8 +12,9 @@ from torch_geometric.utils import scatter
 
 from ..graph._schema import NUM_SLOTS, Act, NodeOp, NodeType
 from ..symmetry._memo import structural
-from ._backbone import Backbone, kernel_values, weight_edge_mask
+from ._backbone import Backbone, pad_kernels, weight_edge_mask
 from ._gl_invariant import NUM_EDGE_CODES
+from ._inputs import EDGE_FEATURES, NODE_FEATURES, normalised_values
 
 __all__ = ["MPNN", "EdgeMPLayer", "mlp"]
 
@@ -59,6 +62,13 @@ def exact_dtype(dtype: torch.dtype) -> torch.dtype:
 def exact(t: Tensor) -> Tensor:
     """``t`` in float32 when autocast left it in half precision (before long sums)."""
     return t.to(exact_dtype(t.dtype))
+
+
+def no_autocast(device_type: str):
+    """Autocast switched off on ``device_type`` where it is on (a null context elsewhere)."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def aggregate_exact(layer: MessagePassing, inputs: Tensor, index: Tensor,
@@ -170,17 +180,27 @@ class MPNN(Backbone):
     Equivariant to re-indexing, hence to ``permutation`` and ``head_permutation``
     (which are re-indexings of the values); not to scalings, sign flips or GL factors.
 
+    With ``value_norm=True`` (the default) values are read per tensor
+    (:func:`~neuralgraph_quasi.nn.normalised_values`): each entry relative to its
+    tensor's RMS, the tensor's log-RMS as a feature of its entries, and each unit's
+    log-RMS of incoming and outgoing weights; ``value_norm=False`` embeds raw values.
+
     Args:
         hidden_dim: width of node and edge states.
         num_layers: message-passing layers.
         kernel_width: longest edge vector accepted (9 for 3×3 kernels).
+        value_norm: read per-tensor normalised values and their scales (see above).
+        aggregators: PyG aggregation names of every layer (PNA-style).
     """
 
     equivariant_to = frozenset({"permutation", "head_permutation"})
 
-    def __init__(self, hidden_dim: int, num_layers: int, kernel_width: int = 9) -> None:
+    def __init__(self, hidden_dim: int, num_layers: int, kernel_width: int = 9,
+                 value_norm: bool = True, aggregators=("mean", "max")) -> None:
         super().__init__(hidden_dim, num_layers, kernel_width)
         H = hidden_dim
+        self.value_norm = value_norm
+        self.aggregators = tuple(aggregators)
         self.node_type = nn.Embedding(len(NodeType), H)
         self.node_op = nn.Embedding(len(NodeOp), H)
         self.node_act = nn.Embedding(len(Act), H)
@@ -189,7 +209,10 @@ class MPNN(Backbone):
         self.node_values = nn.Linear(NUM_SLOTS, H)
         self.edge_type = nn.Embedding(NUM_EDGE_CODES, H)  # incl. GL-invariant product edges
         self.edge_values = nn.Linear(kernel_width, H)
-        self.layers = nn.ModuleList(EdgeMPLayer(H) for _ in range(num_layers))
+        if value_norm:
+            self.node_scales = nn.Linear(NODE_FEATURES, H)
+            self.edge_scales = nn.Linear(EDGE_FEATURES, H)
+        self.layers = nn.ModuleList(EdgeMPLayer(H, self.aggregators) for _ in range(num_layers))
         self.pool = mlp(4 * H, H, H)
         self.edit_edges = mlp(H, H, kernel_width)
         self.edit_nodes = mlp(H, H, 1)
@@ -198,18 +221,28 @@ class MPNN(Backbone):
     def readout_dim(self) -> int:
         return self.hidden_dim
 
-    def encode(self, batch) -> tuple[Tensor, Tensor]:
+    def encode(self, batch, edge_attr: Tensor | None = None,
+               x: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Initial states; ``edge_attr``/``x`` replace the batch's values when given (the
+        values an α-map moved)."""
+        edge_attr = batch.edge_attr if edge_attr is None else edge_attr
+        x = batch.x if x is None else x
         kind = batch.node_type
         unit = batch.node_unit.clamp(max=MAX_IO_UNIT)
         io = torch.where(kind == NodeType.OUTPUT, unit + MAX_IO_UNIT + 1, unit)
         io_emb = torch.where(((kind == NodeType.INPUT) | (kind == NodeType.OUTPUT))[:, None],
                              self.io_unit(io), 0.0)
+        dtype = self.node_values.weight.dtype
         h = (self.node_type(kind) + self.node_op(batch.node_op) + self.node_act(batch.node_act)
-             + self.node_layer(batch.node_layer.clamp(max=MAX_LAYER)) + io_emb
-             + self.node_values(batch.x.to(self.node_values.weight.dtype)))
-        e = (self.edge_type(batch.edge_type)
-             + self.edge_values(kernel_values(batch, self.kernel_width)
-                                .to(self.edge_values.weight.dtype)))
+             + self.node_layer(batch.node_layer.clamp(max=MAX_LAYER)) + io_emb)
+        e = self.edge_type(batch.edge_type)
+        if self.value_norm:
+            read = normalised_values(batch, exact(edge_attr), exact(x))
+            edge_attr, x = read.edge, read.x
+            h = h + self.node_scales(read.node_features.to(dtype))
+            e = e + self.edge_scales(read.edge_features.to(dtype))
+        h = h + self.node_values(x.to(dtype))
+        e = e + self.edge_values(pad_kernels(edge_attr, self.kernel_width).to(dtype))
         return h, e
 
     def layer(self, index: int, batch, h: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,6 @@ r"""QuasiGNN: a graph metanetwork ``F = α·β`` with the α-map acting between 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -12,28 +11,25 @@ from ..graph._schema import Slot
 from ._alpha import Alpha, AlphaMap, statistics_per_node
 from ._backbone import Backbone
 from ._gl_invariant import gl_invariant_view
-from ._mpnn import MPNN, exact_dtype, graph_ids, mlp
+from ._mpnn import MPNN, exact_dtype, graph_ids, mlp, no_autocast
 from ._stats import NUM_STATS, layer_statistics, tensor_statistics
 
 __all__ = ["QuasiGNN", "BACKBONES"]
 
 
-def _scale_mpnn(hidden_dim: int, num_layers: int, kernel_width: int) -> Backbone:
+def _scale_mpnn(hidden_dim: int, num_layers: int, kernel_width: int, **options) -> Backbone:
     from ._scale_mpnn import ScaleMPNN
 
+    if options:
+        raise ValueError(f"backbone='scale_mpnn' takes no {sorted(options)} (it reads raw "
+                         "values, so that it stays scale-equivariant)")
     return ScaleMPNN(hidden_dim, num_layers, kernel_width=kernel_width)
 
 
-#: Backbone factories by name: ``(hidden_dim, num_layers, kernel_width) -> Backbone``.
+#: Backbone factories by name: ``(hidden_dim, num_layers, kernel_width, **options) ->
+#: Backbone``.
 BACKBONES = {"mpnn": MPNN, "scale_mpnn": _scale_mpnn}
 TASKS = ("predict", "edit")
-
-
-def _no_autocast(device_type: str):
-    """Autocast switched off on ``device_type`` where it is on."""
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class QuasiGNN(nn.Module):
@@ -68,11 +64,20 @@ class QuasiGNN(nn.Module):
         eps_init: initial ε of α (one per output kind: scales, Q/K factors, V/O factors).
         out_dim: outputs per graph for ``predict``.
         kernel_width: longest edge vector the model accepts (9: 3×3 kernels).
-        alpha: ``"learned"``, or ``"frozen"`` (α pinned at the identity: the ablation with
-            the same parameters).
-        alpha_after: index of the backbone layer after which α acts (default: the middle,
-            ``num_layers // 2 - 1``, or 0 with one layer).
+        alpha: ``"learned"`` (ε and γ trained), ``"fixed"`` (ε pinned at ``eps_init``, γ
+            trained) or ``"frozen"`` (α pinned at the identity: the ablation with the same
+            parameters).
+        alpha_on: where α acts: ``"input"`` (the input network's values, before the
+            backbone reads them: ``β(α(θ)·θ)``; the default with ``"mpnn"``) or
+            ``"states"`` (the backbone's states after layer ``alpha_after``; the default
+            with ``"scale_mpnn"``). See ``docs/quasi.md``.
+        alpha_after: with ``alpha_on="states"``, index of the backbone layer after which α
+            acts (default: the middle, ``num_layers // 2 - 1``, or 0 with one layer).
         gamma_hidden: hidden width of α's MLPs γ.
+        eps_min, eps_max: bounds of a learned ε (:class:`AlphaMap`).
+        value_norm: (``"mpnn"``) read per-tensor normalised values and their scales
+            (:func:`~neuralgraph_quasi.nn.normalised_values`); default on.
+        aggregators: (``"mpnn"``) PyG aggregations of every layer.
         readout_stats: also give the prediction head the per-layer statistics of the input
             network's tensors (``layer_statistics``, ``stat_depth`` layers), as STATNN sees
             them. Invariant to permutations but not to scalings, so only with ``"mpnn"``.
@@ -93,14 +98,20 @@ class QuasiGNN(nn.Module):
                  out_dim: int = 1, kernel_width: int = 9, alpha: str = "learned",
                  alpha_after: int | None = None, gamma_hidden: int = 32,
                  readout_stats: bool | None = None, stat_depth: int = 32,
-                 gl_invariant: bool = False) -> None:
+                 gl_invariant: bool = False, alpha_on: str | None = None,
+                 eps_min: float = 0.0, eps_max: float = 0.95, value_norm: bool | None = None,
+                 aggregators: tuple[str, ...] | list[str] | None = None) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
-        if alpha not in ("learned", "frozen"):
-            raise ValueError(f"alpha must be 'learned' or 'frozen', got {alpha!r}")
+        if alpha not in AlphaMap.MODES:
+            raise ValueError(f"alpha must be one of {AlphaMap.MODES}, got {alpha!r}")
+        if alpha_on is None:
+            alpha_on = "input" if backbone == "mpnn" else "states"
+        if alpha_on not in ("input", "states"):
+            raise ValueError(f"alpha_on must be 'input' or 'states', got {alpha_on!r}")
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
         if gl_invariant and (task != "predict" or backbone != "mpnn"):
@@ -108,15 +119,20 @@ class QuasiGNN(nn.Module):
                              "view drops the raw attention weights an edit would write)")
         self.task, self.quasi, self.backbone_name = task, quasi, backbone
         self.gl_invariant = gl_invariant
-        self.backbone = BACKBONES[backbone](hidden_dim, num_layers, kernel_width)
+        options = {k: v for k, v in (("value_norm", value_norm),
+                                     ("aggregators", None if aggregators is None
+                                      else tuple(aggregators))) if v is not None}
+        self.backbone = BACKBONES[backbone](hidden_dim, num_layers, kernel_width, **options)
+        self.alpha_on = alpha_on
         self.alpha_after = max(num_layers // 2 - 1, 0) if alpha_after is None else alpha_after
         if not 0 <= self.alpha_after < num_layers:
             raise ValueError(f"alpha_after must index a layer in [0, {num_layers}), "
                              f"got {alpha_after}")
         # Under scale_mpnn the states of attention nodes are scale-invariant but the
         # statistics are not: GL factors built from them would break scale invariance.
-        self.alpha = AlphaMap(hidden_dim, gamma_hidden, eps_init, frozen=alpha == "frozen",
-                              gl=backbone != "scale_mpnn") if quasi else None
+        self.alpha = AlphaMap(hidden_dim, gamma_hidden, eps_init, mode=alpha,
+                              gl=backbone != "scale_mpnn", eps_min=eps_min,
+                              eps_max=eps_max) if quasi else None
         kinds = self.backbone.equivariant_to
         if readout_stats is None:
             readout_stats = task == "predict" and "scale" not in kinds
@@ -135,14 +151,23 @@ class QuasiGNN(nn.Module):
         self.invariant_to = frozenset(kinds) if task == "predict" else frozenset()
         self.equivariant_to = frozenset(kinds) if task == "edit" else frozenset()
         self.last_alpha: Alpha | None = None
+        self._read = None  # the batch whose values the backbone read (α(θ)·θ or θ)
 
     def states(self, batch, stats=None) -> tuple[Tensor, Tensor]:
         """Node and edge states after the backbone (α applied where configured)."""
         h, e = self.backbone.encode(batch)
         self.last_alpha = None
+        self._read = batch
+        if self.alpha is not None and self.alpha_on == "input":
+            stats = tensor_statistics(batch) if stats is None else stats
+            self.last_alpha = self.alpha(batch, h, statistics_per_node(batch, stats=stats))
+            # a shallow copy: structure shared (and what is memoised on it), values moved
+            self._read = copy.copy(batch)
+            self._read.edge_attr, self._read.x = self._moved_values(batch)
+            h, e = self.backbone.encode(self._read)
         for i in range(self.backbone.num_layers):
             h, e = self.backbone.layer(i, batch, h, e)
-            if self.alpha is not None and i == self.alpha_after:
+            if self.alpha is not None and self.alpha_on == "states" and i == self.alpha_after:
                 stats = tensor_statistics(batch) if stats is None else stats
                 self.last_alpha = self.alpha(batch, h, statistics_per_node(batch, stats=stats))
                 h, e = self.last_alpha.act(batch, h, e)
@@ -158,12 +183,32 @@ class QuasiGNN(nn.Module):
             return self._edited(batch, *self.backbone.edit(batch, h, e))
         features = self.backbone.readout(batch, h, e)
         if self.readout_stats:
-            table = layer_statistics(stats, graph_ids(batch)[1], self.stat_depth)
+            # the statistics of what the backbone read: α(θ)·θ when α acts on the input
+            read = stats if self._read is batch else tensor_statistics(self._read)
+            table = layer_statistics(read, graph_ids(batch)[1], self.stat_depth)
             # standardised in at least float32: statistics that vary little across networks
             # would collapse to one bfloat16 value under autocast
             table = self._standardise(table.flatten(1).to(exact_dtype(features.dtype)))
             features = torch.cat([features, table], dim=-1)
         return self.head(features)
+
+    def gradient_rms(self) -> dict[str, float]:
+        """Per-parameter RMS of the gradients now held by α's ``γ`` networks (``"gamma"``),
+        its ``ρ`` (``"eps"``, the parameters of ε) and the backbone (``"backbone"``): whether
+        training can move α at all is read off their ratios. Groups without a gradient
+        are left out."""
+        groups = {"backbone": list(self.backbone.parameters())}
+        if self.alpha is not None:
+            groups["eps"] = [self.alpha.rho]
+            groups["gamma"] = [p for name, p in self.alpha.named_parameters()
+                               if name.startswith("gamma")]
+        out = {}
+        for name, params in groups.items():
+            grads = [p.grad.detach().double().reshape(-1) for p in params if p.grad is not None]
+            if grads:
+                flat = torch.cat(grads)
+                out[name] = float(flat.pow(2).mean().sqrt())
+        return out
 
     def _standardise(self, table: Tensor) -> Tensor:
         """Batch-normalise the statistics; a single graph in training uses running stats."""
@@ -172,6 +217,17 @@ class QuasiGNN(nn.Module):
             return nn.functional.batch_norm(table, norm.running_mean, norm.running_var,
                                             norm.weight, norm.bias, False, 0.0, norm.eps)
         return norm(table)
+
+    def _moved_values(self, batch, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """``(edge_attr, x)`` of ``α(θ)·θ``: the batch's weights and biases moved by the last
+        α (GL factors, then scales), in at least float32 with autocast off."""
+        x, edge_attr = batch.x, batch.edge_attr
+        dtype = exact_dtype(x.dtype) if dtype is None else dtype
+        with no_autocast(x.device.type):
+            values, moved = self.last_alpha.act(
+                batch, x[:, Slot.BIAS:Slot.GAIN + 1].to(dtype), edge_attr.to(dtype))
+        x = torch.cat([values.to(x.dtype), x[:, Slot.GAIN + 1:]], dim=-1)
+        return moved.to(edge_attr.dtype), x
 
     def _edited(self, batch, edge_update: Tensor, bias_update: Tensor):
         """``α(θ)·θ + Δ``: the input's weights moved by α, plus the head's update, on the
@@ -186,13 +242,7 @@ class QuasiGNN(nn.Module):
         if self.last_alpha is not None:
             # The output weights are α·θ + Δ: move θ at full precision (autocast off, at
             # least float32), or bfloat16 would round every weight the edit passes through.
-            dtype = exact_dtype(edge_update.dtype)
-            with _no_autocast(x.device.type):
-                values, moved = self.last_alpha.act(
-                    batch, x[:, Slot.BIAS:Slot.GAIN + 1].to(dtype), edge_attr.to(dtype))
-            x = x.clone()
-            x[:, Slot.BIAS:Slot.GAIN + 1] = values.to(x.dtype)
-            edge_attr = moved.to(batch.edge_attr.dtype)
+            edge_attr, x = self._moved_values(batch, exact_dtype(edge_update.dtype))
         length = batch.edge_kshape.prod(-1)
         keep = (batch.edge_param >= 0)[:, None] & (
             torch.arange(k, device=length.device)[None] < length[:, None])
@@ -208,6 +258,7 @@ class QuasiGNN(nn.Module):
         return out
 
     def extra_repr(self) -> str:
+        where = f"alpha_after={self.alpha_after}" if self.alpha_on == "states" else "input"
         return (f"task={self.task!r}, backbone={self.backbone_name!r}, quasi={self.quasi}, "
-                f"alpha_after={self.alpha_after}")
+                f"alpha_on={where}")
 

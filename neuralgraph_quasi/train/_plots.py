@@ -55,15 +55,35 @@ def plot_learning_curves(histories: dict[str, list[dict]], path: str | Path,
     return _save(fig, Path(path))
 
 
-def plot_alpha(alpha: dict[str, torch.Tensor], path: str | Path) -> Path | None:
-    """Histograms of the learned α on test graphs: each entry a 1-D tensor of values
-    (e.g. ``scales``; ``gl_deviation``: ‖α - I‖ per GL factor)."""
-    alpha = {k: v.detach().float().cpu().reshape(-1) for k, v in alpha.items() if v.numel()}
-    if not alpha:
-        return None
-    fig, axes = plt.subplots(1, len(alpha), figsize=(4 * len(alpha), 3.2), squeeze=False)
-    for ax, (name, values) in zip(axes[0], alpha.items(), strict=True):
-        ax.hist(values.numpy(), bins=50, color="tab:purple")
-        ax.set_title(name, fontsize=9)
+def plot_alpha(end: dict, path: str | Path, init: dict | None = None) -> Path:
+    """Distributions of α over a whole split (:func:`~neuralgraph_quasi.train._report.
+    alpha_report`), at initialisation (grey) and after training (purple): the scales of
+    the scalable units, and ``‖M − I‖_F``, ``‖N − I‖_F`` per head; ε in the titles."""
+    panels = [(key, label) for key, label in
+              (("scales", "scale s_j (scalable units)"), ("M_dev", "||M - I||_F per head"),
+               ("N_dev", "||N - I||_F per head")) if end.get(key) is not None
+              and end[key].numel()]
+    if not panels:  # e.g. SIRENs: sine units take no positive scale, and no attention
+        fig, ax = plt.subplots(figsize=(5, 1.6))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "alpha has nothing to act on in these networks:\n"
+                "no positively scalable units, no attention heads", ha="center", va="center")
+        return _save(fig, Path(path))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    kinds = {"scales": "scale", "M_dev": "qk", "N_dev": "vo"}
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        values = end[key].detach().double().cpu().numpy()
+        parts = [values]
+        if init and init.get(key) is not None and init[key].numel():
+            parts.append(init[key].detach().double().cpu().numpy())
+        lo, hi = min(p.min() for p in parts), max(p.max() for p in parts)
+        bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 50)
+        if len(parts) > 1:
+            ax.hist(parts[1], bins=bins, color="tab:gray", alpha=0.6,
+                    label=f"init (eps {init['eps'][kinds[key]]:.3g})")
+        ax.hist(values, bins=bins, color="tab:purple", alpha=0.7,
+                label=f"trained (eps {end['eps'][kinds[key]]:.3g})")
+        ax.set_title(f"{label}: std {values.std():.3g}", fontsize=9)
         ax.set_ylabel("count")
+        ax.legend(fontsize=7)
     return _save(fig, Path(path))

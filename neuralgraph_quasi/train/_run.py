@@ -25,12 +25,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ..data import load_zoo
 from ..data._atomic import atomic_write_json
 from ..symmetry import RandomSymmetry
-from ._batches import ZooLoader
 from ._build import build_model, num_trainable, runtime_shapes
 from ._checkpoint import CheckpointError
 from ._distributed import Dist, init_distributed
 from ._loop import Trainer, evaluate
 from ._plots import plot_alpha, plot_learning_curves, plot_predictions
+from ._report import alpha_report, alpha_summary, paired_bootstrap, tree_baselines
 from ._tasks import TASKS, Task
 
 __all__ = ["run", "resolve_device", "apply_gpu_defaults", "make_task", "open_splits"]
@@ -122,30 +122,6 @@ def _corpus(root: str) -> str | None:
     return None
 
 
-def _alpha(model, batch) -> dict[str, torch.Tensor]:
-    """The learned α on a batch, when the model exposes it (``last_alpha`` after a forward,
-    as :class:`~neuralgraph_quasi.nn.QuasiGNN`): the per-node scales, and for attention the
-    deviation ``‖M - I‖_F``, ``‖N - I‖_F`` of each head's GL factors."""
-    if not hasattr(model, "last_alpha"):
-        return {}
-    with torch.no_grad():
-        model(batch)
-    alpha = model.last_alpha
-    if alpha is None:
-        return {}
-    out = {}
-    scale = getattr(alpha, "scale", None)
-    if scale is not None:
-        moved = scale[scale != 1]
-        out["scales (nodes with scale != 1)"] = moved if moved.numel() else scale
-    for name in ("M", "N"):
-        factor = getattr(alpha, name, None)
-        if factor is not None and factor.numel():
-            eye = torch.eye(factor.size(-1), dtype=factor.dtype, device=factor.device)
-            out[f"GL {name}: ||{name} - I||_F per head"] = (factor - eye).flatten(1).norm(dim=1)
-    return out
-
-
 def _train_one(name: str, model_cfg, cfg: DictConfig, task: Task, splits, directory: Path,
                device, dist: Dist, config: dict, resume: bool, progress: bool):
     sample = splits["train"][0]
@@ -162,6 +138,9 @@ def _train_one(name: str, model_cfg, cfg: DictConfig, task: Task, splits, direct
                       trainer_cfg, device, dist, config, seed=int(cfg.seed), name=name,
                       extra=extra)
     start_step = 0
+    # α over the whole test split before training, for the before/after figure
+    trainer.alpha_init = alpha_report(model, splits["test"], device) \
+        if name == "model" and not resume and dist.main else {}
     if resume:
         last = directory / "last.ckpt"
         if not last.exists() and name != "model":
@@ -239,8 +218,10 @@ def run(cfg: DictConfig, cli_overrides: set[str] | frozenset = frozenset()) -> d
                                  device, dist, config, bool(resume), progress)
         histories["baseline"] = baseline.history
         if dist.main:
+            bval = evaluate(baseline.module, task, splits["val"], device, eval_bs, amp)[0]
             btest, bpred, _ = evaluate(baseline.module, task, splits["test"], device, eval_bs,
                                        amp)
+            metrics.update({f"baseline_val_{k}": v for k, v in bval.items()})
             metrics.update({f"baseline_test_{k}": v for k, v in btest.items()})
             metrics["baseline_num_params"] = num_trainable(baseline.module)
     if not dist.main:
@@ -267,12 +248,15 @@ def run(cfg: DictConfig, cli_overrides: set[str] | frozenset = frozenset()) -> d
         "seed": int(cfg.seed), "min_accuracy": cfg.get("min_accuracy"),
         "gpu_defaults": applied,
     })
-    if baseline is not None and "test_kendall_tau" in metrics:
-        metrics["beats_baseline"] = bool(metrics["test_kendall_tau"]
-                                         > metrics["baseline_test_kendall_tau"])
+    alpha_end = alpha_report(trainer.module, splits["test"], device, eval_bs)
+    metrics.update(alpha_summary(alpha_end))
+    if trainer.alpha_init:
+        metrics["alpha_init"] = alpha_summary(trainer.alpha_init)
+    bpred = bpred if baseline is not None else None
+    if cfg.task == "predict":
+        metrics.update(_compare(cfg, splits, device, pred, true, bpred))
     if cfg.get("plots", True):
-        _plots(out, cfg, task, trainer, baseline, splits, histories, pred, true, device,
-               eval_bs, amp)
+        _plots(out, cfg, task, trainer, splits, histories, pred, true, bpred, alpha_end)
     atomic_write_json(out / "metrics.json", metrics)
     log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items()
                                         if isinstance(v, int | float)}, default=str))
@@ -303,19 +287,36 @@ def _evaluate_augmented(cfg, augment, task, trainer, baseline, device, eval_bs, 
     return results
 
 
-def _plots(out, cfg, task, trainer, baseline, splits, histories, pred, true, device, eval_bs,
-           amp) -> None:
+def _compare(cfg, splits, device, pred, true, bpred) -> dict[str, Any]:
+    """The model against the statistics baselines on the same test split: a paired
+    bootstrap of ``τ(model) − τ(STATNN)`` (``tau_gain_ci``, ``beats_baseline`` when the 95 %
+    interval lies above 0), and trees on STATNN's features (``trees_*``)."""
+    metrics: dict[str, Any] = {}
+    seed = int(cfg.seed)
+    if bpred is not None:
+        gain = paired_bootstrap(pred, bpred, true, seed=seed)
+        metrics["tau_gain"] = gain["estimate"]
+        metrics["tau_gain_ci"] = [gain["low"], gain["high"]]
+        metrics["beats_baseline"] = bool(gain["low"] > 0)
+    if cfg.get("trees", True):
+        trees = tree_baselines(splits["train"], splits["val"], splits["test"], device, seed)
+        best = trees[trees["best"]]
+        metrics.update({
+            "trees_test_kendall_tau": best["test_kendall_tau"],
+            "trees_val_kendall_tau": best["val_kendall_tau"], "trees_model": trees["best"],
+            "trees": {name: {k: v for k, v in trees[name].items() if k != "test_pred"}
+                      for name in ("hist_gradient_boosting", "random_forest")}})
+        gain = paired_bootstrap(pred, best["test_pred"], true, seed=seed)
+        metrics["tau_gain_vs_trees"] = gain["estimate"]
+        metrics["tau_gain_vs_trees_ci"] = [gain["low"], gain["high"]]
+    return metrics
+
+
+def _plots(out, cfg, task, trainer, splits, histories, pred, true, bpred, alpha_end) -> None:
     plot_learning_curves(histories, out / "learning_curves.png", task.score_name)
     if cfg.task == "predict":
-        bpred = None
-        if baseline is not None:
-            bpred = evaluate(baseline.module, task, splits["test"], device, eval_bs, amp)[1]
         tau = task.metrics(pred, true)["kendall_tau"]
         plot_predictions(pred, true, out / "predictions_test.png",
                          f"{cfg.dataset.name} test: Kendall tau {tau:.3f}", bpred)
-    test = splits["test"]
-    batch = ZooLoader(test, eval_bs, device=device).batch(torch.arange(min(len(test), eval_bs)))
-    trainer.module.eval()
-    alpha = _alpha(trainer.module, batch)
-    if alpha:
-        plot_alpha(alpha, out / "alpha.png")
+    if alpha_end:
+        plot_alpha(alpha_end, out / "alpha.png", getattr(trainer, "alpha_init", None))

@@ -144,7 +144,10 @@ def test_a_bfloat16_autocast_step_runs_and_gives_finite_gradients(name):
 
 @pytest.mark.parametrize("name", ["mpnn", "scale_mpnn"])
 def test_alpha_is_not_rounded_away_under_autocast(name):
-    """ε ≈ 0.01: in bfloat16, ``1 + ε·sin(·)`` rounds to multiples of 2⁻⁸ (or to 1)."""
+    """ε ≈ 0.01: in bfloat16, ``1 + ε·sin(·)`` rounds to multiples of 2⁻⁸ (or to 1), an
+    error of up to 2⁻⁹ ≈ 0.002, a fifth of the deviation. α is computed in float32, so what
+    remains is the bfloat16 rounding of the backbone states it reads, which γ (spread by
+    order one across units, docs/quasi.md) passes on at a few percent of the deviation."""
     net, batch = _quasi(name), _mixed_batch()
     net(batch)
     exact = net.last_alpha.scale.detach()
@@ -154,7 +157,7 @@ def test_alpha_is_not_rounded_away_under_autocast(name):
     assert amp.dtype == torch.float32
     deviation = (exact - 1).abs().max()
     assert deviation > 0
-    assert (amp - exact).abs().max() < 0.05 * deviation
+    assert (amp - exact).abs().max() < 0.1 * deviation
 
 
 def test_alpha_acts_on_float32_states_under_autocast(monkeypatch):

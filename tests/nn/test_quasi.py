@@ -276,9 +276,12 @@ def test_flat_mlp_refuses_mixed_architectures():
 @pytest.mark.parametrize("kwargs,message", [
     ({"task": "classify"}, "task must be one of"),
     ({"backbone": "gat"}, "backbone must be one of"),
-    ({"alpha": "fixed"}, "alpha must be 'learned' or 'frozen'"),
-    ({"eps_init": 1.0}, r"eps_init must lie in \(-1, 1\)"),
-    ({"alpha_after": 3}, r"alpha_after must index a layer in \[0, 3\)"),
+    ({"alpha": "fixd"}, r"alpha must be one of \('learned', 'fixed', 'frozen'\)"),
+    ({"eps_init": 1.0}, r"eps_init must lie in \(eps_min, eps_max\)"),
+    ({"eps_init": 1.0, "alpha": "fixed"}, r"eps_init must lie in \[0, 1\)"),
+    ({"eps_min": 0.5, "eps_max": 0.4}, r"need 0 <= eps_min < eps_max < 1"),
+    ({"alpha_on": "output"}, "alpha_on must be 'input' or 'states'"),
+    ({"alpha_after": 3, "alpha_on": "states"}, r"alpha_after must index a layer in \[0, 3\)"),
 ])
 def test_bad_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
