@@ -9,6 +9,10 @@ rebuilt from its module), and each member keeps only its flat parameter vector.
 ``dataset[i]`` gathers that vector into a :class:`~neuralgraph_quasi.NeuralGraph`
 that shares the structure tensors (treat them as read-only).
 
+Random splits are per member (:func:`split_position`): a member's split is a function of
+its own identity (:meth:`GraphZoo.member_identity`: a run id, an image index) and the
+seed, so adding, losing or skipping other members never moves it.
+
 Processing (reading checkpoints, bulk conversion) runs once per combination of
 the settings that affect it (:meth:`GraphZoo.processing_settings`, the
 ``pre_transform`` and ``pre_filter``); each combination gets its own processed
@@ -22,6 +26,7 @@ import hashlib
 import json
 import logging
 import os.path as osp
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +37,45 @@ from torch_geometric.data import Dataset
 from ..graph import NeuralGraph, flat_from_graph, graph_from_values, stack_values, template
 from ._atomic import atomic_torch_save
 
-__all__ = ["GraphZoo", "ZooPart", "ZooNotFoundError", "ZooFormatError", "SPLITS"]
+__all__ = ["GraphZoo", "ZooPart", "ZooNotFoundError", "ZooFormatError", "SPLITS",
+           "split_position"]
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 _CACHE_VERSION = 1
+
+
+_MASK64 = (1 << 64) - 1
+#: 2^64 / golden ratio, odd: consecutive numbers land evenly spread over [0, 1).
+_GOLDEN64 = 0x9E3779B97F4A7C15
+_TRAILING_NUMBER = re.compile(r"(.*?)(\d+)")
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def split_position(identity: int | str, seed: int) -> float:
+    """Where a member lies in ``[0, 1)`` for the random split; it depends only on its own
+    ``identity`` (a run id, an image index, a name) and ``seed``.
+
+    An identity ending in a number (``17``, ``"17"``, ``"run17"``) is split into a stem and
+    that number; the position is ``hash(seed, stem) + number * (golden ratio - 1)`` modulo 1
+    (exact 64-bit integer arithmetic). Consecutive numbers of one stem are thus spread
+    almost evenly (any 20 consecutive run ids fill a 0.7/0.15/0.15 split), while members
+    with other stems or seeds are placed independently. An identity without digits is
+    hashed. A split is then a range of positions (``[0, 0.7)`` train, ...).
+    """
+    if isinstance(identity, bool) or not isinstance(identity, (int, str)):
+        raise TypeError(f"a member identity must be an int or a str, got "
+                        f"{type(identity).__name__} {identity!r}")
+    stem, number = "", identity
+    if isinstance(identity, str):
+        match = _TRAILING_NUMBER.fullmatch(identity)
+        stem, number = (match[1], int(match[2])) if match else (identity, 0)
+    start = _hash64(f"{int(seed)}\x00{stem}")
+    return ((start + int(number) * _GOLDEN64) & _MASK64) / 2.0 ** 64
 
 
 class ZooNotFoundError(FileNotFoundError):
@@ -76,13 +114,13 @@ class GraphZoo(Dataset):
 
     Subclasses implement :meth:`read` (the zoo's files to :class:`ZooPart` s),
     :meth:`build_model`, :meth:`source_exists` / :meth:`missing_message`, and
-    may extend :meth:`processing_settings` and :meth:`split_indices`.
+    may extend :meth:`processing_settings`, :meth:`member_identity` and :meth:`split_indices`.
 
     Args:
         root: the zoo's directory.
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
         splits: fractions of train/val/test (after filtering).
-        split_seed: seed of the shuffle before splitting.
+        split_seed: seed of the per-member split (:func:`split_position`).
         min_accuracy: keep members whose target is at least this (before splitting).
         transform: applied on every access (e.g. ``symmetry.RandomSymmetry``).
         pre_transform: applied once before caching; must keep each graph's structure.
@@ -133,14 +171,33 @@ class GraphZoo(Dataset):
         """Everything that changes the processed cache (extend in subclasses)."""
         return {"cache_version": _CACHE_VERSION, "zoo": self.zoo_name}
 
+    def member_identity(self, meta: dict[str, Any]) -> int | str:
+        """A member's stable identity (from its ``meta``), which alone decides its random
+        split: the ``run`` recorded for it, else its ``file``."""
+        for key in ("run", "file"):
+            if meta.get(key) not in (None, ""):
+                return meta[key]
+        raise ZooFormatError(f"{self.root}: a {self.zoo_name} member has neither a run nor a "
+                             f"file to split it by (meta {sorted(meta)})")
+
     def split_indices(self, targets: Tensor) -> dict[str, Tensor]:
-        """Shuffle (seeded) and cut into train/val/test by ``self.splits``."""
-        n = targets.numel()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
-        n_train = int(round(self.splits[0] * n))
-        n_val = int(round(self.splits[1] * n))
-        return {"train": order[:n_train], "val": order[n_train:n_train + n_val],
-                "test": order[n_train + n_val:]}
+        """Train/val/test positions (into ``targets``, the members left after filtering):
+        each member by its own :func:`split_position` and ``self.splits``, so that a
+        member's split never depends on which other members exist."""
+        members = self._split_pool
+        if members.numel() != targets.numel():  # pragma: no cover - guards subclasses
+            raise RuntimeError("split_indices: members and targets disagree")
+        identities = [self.member_identity(self._meta_of(int(m))) for m in members]
+        where = torch.tensor([split_position(i, self.split_seed) for i in identities],
+                             dtype=torch.float64)
+        train_end, val_end = self.splits[0], self.splits[0] + self.splits[1]
+        return {"train": (where < train_end).nonzero().view(-1),
+                "val": ((where >= train_end) & (where < val_end)).nonzero().view(-1),
+                "test": (where >= val_end).nonzero().view(-1)}
+
+    def _meta_of(self, member: int) -> dict[str, Any]:
+        meta = self._parts[int(self._part_of[member])]["meta"]
+        return meta[int(self._row_of[member])] if meta else {}
 
     # -- PyG plumbing -------------------------------------------------------------
     @property
@@ -242,6 +299,7 @@ class GraphZoo(Dataset):
         members = torch.arange(targets.numel())
         if self.min_accuracy is not None:
             members = members[targets >= self.min_accuracy]
+        self._split_pool = members
         if self.split == "all":
             self._members = members
         else:
@@ -260,10 +318,7 @@ class GraphZoo(Dataset):
 
     def meta(self, idx: int) -> dict[str, Any]:
         """The facts recorded for member ``idx`` of this split (file, run, epoch, ...)."""
-        member = int(self._members[idx])
-        part = self._parts[int(self._part_of[member])]
-        meta = part["meta"]
-        return meta[int(self._row_of[member])] if meta else {}
+        return self._meta_of(int(self._members[idx]))
 
     def len(self) -> int:
         return int(self._members.numel())

@@ -188,7 +188,8 @@ class INRZoo(GraphZoo):
     Args:
         root: the zoo directory (see the module docstring for the layouts).
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
-        split_mode: ``"random"`` (seeded ``splits``, default 0.7/0.15/0.15, seed 3) or
+        split_mode: ``"random"`` (seeded ``splits``, default 0.7/0.15/0.15, seed 3, each
+            member placed by its image index alone) or
             ``"nfn"``: by the image index parsed from ``net<idx>``: train
             ``idx < nfn_split_points[0]``, val ``< nfn_split_points[1]``, test the rest.
         nfn_split_points: NFN's thresholds (``(45_000, 50_000)``; FashionMNIST
@@ -345,8 +346,14 @@ class INRZoo(GraphZoo):
                for part in self._parts for m in part["meta"]]
         return torch.tensor(idx, dtype=torch.long)
 
+    def member_identity(self, meta: dict[str, Any]) -> int | str:
+        """The image index (NFN's augmented copies of an image share it, so they share a
+        split), else the file."""
+        return int(meta["idx"]) if meta.get("idx") is not None else str(meta["file"])
+
     def split_indices(self, targets: Tensor) -> dict[str, Tensor]:
-        """The base class's seeded shuffle, or NFN's split by image index."""
+        """The base class's per-member split (by image index), or NFN's split by image
+        index thresholds."""
         if self.split_mode == "random":
             return super().split_indices(targets)
         idx = self.image_indices()

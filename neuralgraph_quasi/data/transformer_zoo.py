@@ -36,6 +36,7 @@ _GENERATOR = {"ag_news": "agnews_tf", "mnist": "mnist_tf"}
 #: Keys known to appear in some published checkpoints although the architecture has no such
 #: parameter (the attention is bias-free): dropped and counted.
 _SPURIOUS = re.compile(r"encoder\.\d+\.attention\.queries\.bias")
+_RUN_OF_FILE = re.compile(r"(.+)_\d+_\d+\.pt")  # <run>_<epoch>_<int(acc*10000)>.pt
 PUBLISHED_EPOCH = 75
 
 
@@ -45,7 +46,8 @@ class SmallTransformerZoo(GraphZoo):
     Args:
         root: the zoo directory (published files or a generated zoo).
         name: ``"ag_news"`` or ``"mnist"``.
-        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (0.7/0.15/0.15, seed 3).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (0.7/0.15/0.15, seed 3, each
+            run placed by its run id: :meth:`member_identity`).
         epoch: the checkpoint epoch to use. Default: 75 for the published zoo; for a
             generated zoo (``generator.json`` present), its last checkpoint epoch.
         min_accuracy: keep members with accuracy ≥ this before splitting (the papers
@@ -153,6 +155,15 @@ class SmallTransformerZoo(GraphZoo):
             part.targets = torch.tensor(part.targets)
             part.values = stackers[num_classes].result()
         return list(parts.values())
+
+    def member_identity(self, meta: dict[str, Any]) -> int | str:
+        """The run: the metadata's ``run`` column (generated zoos), else the ``<run>`` part
+        of ``<run>_<epoch>_<acc>.pt`` (published zoo), else the checkpoint file."""
+        if meta.get("run") not in (None, ""):
+            return str(meta["run"])
+        name = osp.basename(str(meta.get("ckpt_file", "")))
+        match = _RUN_OF_FILE.fullmatch(name)
+        return match[1] if match else str(meta.get("ckpt_file", ""))
 
     @staticmethod
     def _num_classes(state: dict, path: str) -> int:

@@ -10,6 +10,7 @@ import torch
 
 from neuralgraph_quasi import models, to_model
 from neuralgraph_quasi.data import ZooFormatError, ZooNotFoundError
+from neuralgraph_quasi.data._zoo import split_position
 from neuralgraph_quasi.data.inr_zoo import INRZoo, coordinate_grid, render, siren_keys
 
 torch.set_num_threads(1)  # tiny models: extra threads only add overhead on a busy machine
@@ -118,7 +119,11 @@ def test_nfn_split_by_image_index_and_default_random_split(tmp_path):
     assert idx == {"train": [0, 1, 2, 3, 4, 5], "val": [6, 7], "test": [8, 9]}
     parts = [INRZoo(tmp_path, split=s, log=False) for s in ("train", "val", "test")]
     members = [{int(d[i].member) for i in range(len(d))} for d in parts]
-    assert [len(m) for m in members] == [7, 2, 1] and set.union(*members) == set(range(10))
+    assert sum(map(len, members)) == 10 and set.union(*members) == set(range(10))
+    for split, data in zip(("train", "val", "test"), parts, strict=True):
+        for i in range(len(data)):  # each by its image index alone
+            u = split_position(data.meta(i)["idx"], 3)
+            assert split == ("train" if u < 0.7 else "val" if u < 0.85 else "test")
 
 
 def test_prefix_keeps_nfn_augmented_copies_out(tmp_path):

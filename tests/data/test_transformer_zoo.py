@@ -9,6 +9,7 @@ from torch_geometric.loader import DataLoader
 
 from neuralgraph_quasi import symmetry, to_model
 from neuralgraph_quasi.data import SmallTransformerZoo, ZooFormatError, ZooNotFoundError
+from neuralgraph_quasi.data._zoo import split_position
 
 
 @pytest.fixture
@@ -35,7 +36,11 @@ def test_splits_partition_and_threshold_filters_before_splitting(zoo_root):
     members = [set(int(d[i].member) for i in range(len(d))) for d in parts.values()]
     assert sum(len(m) for m in members) == 8
     assert set.union(*members) == set(range(8))
-    assert [len(m) for m in members] == [6, 1, 1]  # round(0.7*8), round(0.15*8), rest
+    for split, data in parts.items():  # each run by its own position (run<i>: stem + i)
+        for i in range(len(data)):
+            run = data.meta(i)["ckpt_file"].split("/")[1].split("_")[0]
+            u = split_position(run, 3)
+            assert split == ("train" if u < 0.7 else "val" if u < 0.85 else "test")
     high = SmallTransformerZoo(zoo_root, split="all", min_accuracy=0.6, log=False)
     assert len(high) == 4 and bool((high.targets >= 0.6).all())
 

@@ -34,7 +34,7 @@ def test_debug_run_writes_metrics_checkpoints_logs_and_plots(train_cfg):
     out = Path(cfg.output_dir)
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["corpus"] and "synthetic" in metrics["corpus"]
-    assert metrics["dataset_size"] == 24 and metrics["steps"] == 8
+    assert metrics["dataset_size"] == 24 and metrics["steps"] == 6  # 15 train runs, batch 4
     for name in ("last.ckpt", "best.ckpt", "log.csv", "learning_curves.png",
                  "predictions_test.png", "baseline/best.ckpt"):
         assert (out / name).exists(), name
