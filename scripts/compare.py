@@ -62,6 +62,77 @@ def table(results: dict, models: list[str], thresholds: list[float], reference: 
     return "\n".join(lines) + f"\n\nTest {metric}: mean ± standard error over seeds.\n"
 
 
+def _record(results: dict, model: str, t: float, seed: int, metrics: dict, metric: str) -> None:
+    """File one run's metrics under its model (and the trees it fitted, under ``trees``)."""
+    entry = results.setdefault(model, {"scores": {}})
+    entry["num_params"] = metrics["num_params"]
+    entry["scores"].setdefault(str(t), []).append(metrics[f"test_{metric}"])
+    entry.setdefault("by_seed", {}).setdefault(str(t), {})[str(seed)] = \
+        metrics[f"test_{metric}"]
+    entry.setdefault("dataset_size", {})[str(t)] = metrics["dataset_size"]
+    if "alpha_eps" in metrics:
+        entry.setdefault("alpha", {}).setdefault(str(t), []).append(
+            {"eps": metrics["alpha_eps"], "scale_spread": metrics["alpha_scale_spread"],
+             "gl_spread": metrics["alpha_gl_spread"]})
+    if model == "statnn" and "trees_test_kendall_tau" in metrics:  # once per seed
+        trees = results.setdefault("trees", {"scores": {}})
+        trees["scores"].setdefault(str(t), []).append(metrics["trees_test_kendall_tau"])
+        trees.setdefault("by_seed", {}).setdefault(str(t), {})[str(seed)] = \
+            metrics["trees_test_kendall_tau"]
+
+
+def paired_table(results: dict, models: list[str], thresholds: list[float],
+                 references: list[str], metric: str) -> str:
+    """Markdown: per model, the mean over seeds of its paired difference to each reference
+    (same seed, same split) ± the standard error of those differences; a difference is
+    marked established (*) only where it exceeds two paired standard errors."""
+    if not references:
+        return ""
+    head = ["model"] + [f"− {r}, acc >= {int(round(t * 100))}%" for r in references
+                        for t in thresholds]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in models:
+        cells = [m]
+        for r in references:
+            for t in thresholds:
+                a = results.get(m, {}).get("by_seed", {}).get(str(t), {})
+                b = results.get(r, {}).get("by_seed", {}).get(str(t), {})
+                diffs = [a[k] - b[k] for k in sorted(a) if k in b]
+                if m == r or not diffs:
+                    cells.append("-")
+                    continue
+                mean, se = _mean_se(diffs)
+                mark = "*" if len(diffs) > 1 and abs(mean) > 2 * se else ""
+                cells.append(f"{mean:+.3f} ± {se:.3f}{mark}" if not math.isnan(se)
+                             else f"{mean:+.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return ("\n".join(lines) + f"\n\nPaired differences of test {metric} (same seed and split),"
+            " mean ± standard error over seeds; * where |mean| > 2 s.e. (otherwise: not "
+            "established).\n")
+
+
+def alpha_table(results: dict, models: list[str], thresholds: list[float]) -> str:
+    """Markdown: the learned α of every quasi model (ε per kind, spread of the scales and
+    of the GL factors), mean over seeds."""
+    lines = []
+    for m in models:
+        for t in thresholds:
+            runs = results.get(m, {}).get("alpha", {}).get(str(t), [])
+            if not runs:
+                continue
+            n = len(runs)
+            eps = {k: sum(r["eps"][k] for r in runs) / n for k in runs[0]["eps"]}
+            spread = sum(r["scale_spread"] for r in runs) / n
+            gl = {k: sum(r["gl_spread"][k] for r in runs) / n for k in ("M", "N")}
+            lines.append(f"| {m} | {int(round(t * 100))}% | {eps['scale']:.3f} | {eps['qk']:.3f}"
+                         f" | {eps['vo']:.3f} | {spread:.4f} | {gl['M']:.4f} | {gl['N']:.4f} |")
+    if not lines:
+        return ""
+    head = ("\n| model | acc >= | ε scale | ε qk | ε vo | scale spread (std) | ‖M − I‖_F |"
+            " ‖N − I‖_F |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
+    return head + "\n".join(lines) + "\n\nα after training on the test set, mean over seeds.\n"
+
+
 def _keys(overrides: list[str]) -> list[str]:
     return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
 
@@ -96,12 +167,14 @@ def main(cfg: DictConfig) -> None:
                     except ValueError as exc:  # e.g. an empty split at a high threshold
                         log.warning("t=%g %s seed %d: %s", t, m, s, exc)
                         continue
-                entry = results.setdefault(m, {"scores": {}})
-                entry["num_params"] = metrics["num_params"]
-                entry["scores"].setdefault(str(t), []).append(metrics[f"test_{metric}"])
-                entry.setdefault("dataset_size", {})[str(t)] = metrics["dataset_size"]
+                _record(results, m, t, s, metrics, metric)
                 print(f"t={t:g} {m} seed {s}: test {metric} {metrics[f'test_{metric}']:.4f}")
-    text = table(results, models, thresholds, cfg.compare.get("reference"), metric)
+    order = [*models, *(name for name in results if name not in models)]  # + trees
+    text = table(results, order, thresholds, cfg.compare.get("reference"), metric)
+    text += "\n" + paired_table(results, order, thresholds,
+                                 [r for r in (cfg.compare.get("reference"), "statnn")
+                                  if r in results], metric)
+    text += alpha_table(results, order, thresholds)
     sizes = next(iter(results.values()), {}).get("dataset_size", {})
     header = (f"# {cfg.dataset.name}: {cfg.task}, seeds {seeds}\n\n"
               f"Zoo: {cfg.dataset.root} (graphs after each threshold: {sizes}).\n\n")
