@@ -277,6 +277,44 @@ class GraphZoo(Dataset):
             log.warning("skipping unreadable checkpoint %s: %s", path, exc)
             return None
 
+    # -- labels ---------------------------------------------------------------------
+    def bad_member(self, reason: str, message: str) -> None:
+        """A member that breaks a rule: raise :class:`ZooFormatError` with ``message``
+        (``on_corrupt="raise"``), else log it and count it in ``skipped[reason]``."""
+        if self.on_corrupt == "raise":
+            raise ZooFormatError(message)
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        log.warning("skipping %s", message)
+
+    def parse_accuracy(self, text: Any, where: str) -> float | None:
+        """An accuracy label in ``[0, 1]`` from ``text``; ``None`` when it is not one
+        (skipped and counted as ``"bad labels"``, or raised: :meth:`bad_member`).
+        ``where`` names the file and row."""
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not 0.0 <= value <= 1.0:  # also NaN
+            self.bad_member("bad labels", f"{where}: accuracy {text!r} is not a number in "
+                                          "[0, 1]")
+            return None
+        return value
+
+    def parse_class_label(self, text: Any, where: str,
+                          num_classes: int | None = None) -> int | None:
+        """A class label, an integer in ``[0, num_classes)`` (``[0, inf)`` when
+        ``num_classes`` is ``None``); ``None`` when it is not one (see :meth:`parse_accuracy`)."""
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            self.bad_member("bad labels", f"{where}: label {text!r} is not an integer")
+            return None
+        if value < 0 or (num_classes is not None and value >= num_classes):
+            bound = "inf" if num_classes is None else num_classes
+            self.bad_member("bad labels", f"{where}: label {text!r} is not in [0, {bound})")
+            return None
+        return value
+
     # -- loading and access -------------------------------------------------------
     def _load_cache(self) -> None:
         cache = self.__dict__.pop("_fresh", None) or torch.load(self.processed_paths[0],

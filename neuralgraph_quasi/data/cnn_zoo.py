@@ -407,7 +407,10 @@ class SmallCNNZoo(GraphZoo):
             if self.step is not None and step != self.step:
                 continue
             if self.activation is None or activation == self.activation:
-                selected.append((i, activation, accuracy))
+                accuracy = self.parse_accuracy(row["test_accuracy"], f"{self.metrics_path}: "
+                                               f"row {i} (line {i + 2}) test_accuracy")
+                if accuracy is not None:
+                    selected.append((i, activation, accuracy))
         return selected
 
     def _read_weights(self, layout: CNNLayout, num_rows: int) -> np.ndarray:
