@@ -362,6 +362,9 @@ class SmallCNNZoo(GraphZoo):
         return {**super().processing_settings(), "activation": self.activation,
                 "step": self.step}
 
+    def source_files(self) -> tuple[list[str], list[str]]:
+        return [self.metrics_path, self.layout_path], [self.weights_path]
+
     def build_model(self, arch: dict[str, Any]) -> nn.Module:
         return small_cnn(arch["activation"], arch["in_channels"], arch["channels"],
                          arch["num_classes"])

@@ -324,6 +324,18 @@ class INRZoo(GraphZoo):
         return {**super().processing_settings(), "labels": self.labels, "prefix": self.prefix,
                 "w0": self.w0, "classes": self.classes}
 
+    def source_files(self) -> tuple[list[str], list[str]]:
+        if self.labels == "folder":
+            return [], [osp.join(self.root, folder, name)
+                        for folder, name in self._folder_files()]
+        try:  # the files the table lists (a garbled table raises when the cache is rebuilt)
+            with open(self.labels_path, newline="", encoding="utf-8") as handle:
+                listed = [row.get("file") for row in csv.DictReader(handle)]
+        except (OSError, UnicodeDecodeError, csv.Error):
+            listed = []
+        return [self.labels_path], [osp.join(self.root, f) for f in listed
+                                    if isinstance(f, str)]
+
     def build_model(self, arch: dict[str, Any]) -> nn.Module:
         return models.siren(**arch)
 

@@ -128,6 +128,11 @@ class SmallTransformerZoo(GraphZoo):
     def processing_settings(self) -> dict[str, Any]:
         return {**super().processing_settings(), "name": self.name, "epoch": self.epoch}
 
+    def source_files(self) -> tuple[list[str], list[str]]:
+        files = [osp.join(self.root, row["ckpt_file"]) for _, row in self._rows()
+                 if row["ckpt_epoch"] == self.epoch]
+        return [self.metadata_path], files
+
     def build_model(self, arch: dict[str, Any]) -> nn.Module:
         embedding = models.PatchEmbedding() if arch["name"] == "mnist" else None
         return models.TransformerClassifier(num_classes=arch["num_classes"],
