@@ -29,6 +29,7 @@ from ._build import build_model, num_trainable, runtime_shapes
 from ._checkpoint import CheckpointError
 from ._distributed import Dist, init_distributed
 from ._loop import Trainer, evaluate
+from ._predict import zoo_architectures
 from ._plots import plot_alpha, plot_learning_curves, plot_predictions
 from ._report import alpha_report, alpha_summary, paired_bootstrap, tree_baselines
 from ._tasks import TASKS, Task
@@ -133,7 +134,7 @@ def _train_one(name: str, model_cfg, cfg: DictConfig, task: Task, splits, direct
         trainer_cfg = cfg.trainer.copy()
         trainer_cfg.epochs = int(cfg.trainer.baseline_epochs)
     extra = {"runtime": runtime, "model_config": OmegaConf.to_container(model_cfg, resolve=True),
-             "task": str(cfg.task)}
+             "task": str(cfg.task), "architectures": zoo_architectures(splits["train"])}
     trainer = Trainer(model, task, splits["train"], splits["val"], directory, optimizer,
                       trainer_cfg, device, dist, config, seed=int(cfg.seed), name=name,
                       extra=extra)
