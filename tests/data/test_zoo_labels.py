@@ -66,7 +66,8 @@ def test_inr_bad_class_label_is_skipped_or_raises(tmp_path, bad):
     rows = [{"file": rel, "label": str(label)} for rel, label, _ in members]
     rows[1]["label"] = bad
     write_labels_csv(tmp_path, rows)
-    with pytest.raises(ZooFormatError, match=rf"labels\.csv: line 3 \(1/net1\.pth\): label '{bad}'"):
+    message = rf"labels\.csv: line 3 \(1/net1\.pth\): label '{bad}'"
+    with pytest.raises(ZooFormatError, match=message):
         INRZoo(tmp_path, split="all", on_corrupt="raise", log=False)
     data = INRZoo(tmp_path, split="all", log=False)
     assert len(data) == 3 and data.skipped["bad labels"] == 1
