@@ -10,8 +10,11 @@
 MODEL_FILE holds either a state_dict (loaded with ``weights_only=True``; give the
 architecture with ``--arch``) or a whole pickled module (``torch.save(model)``), which
 loads only with ``--trust-pickle`` because unpickling runs code from the file. The graph
-is written with ``torch.save`` and loads back with ``torch.load(path, weights_only=True)``.
-Any failure prints one line on stderr and exits with status 2.
+is written with ``torch.save`` and loads back with ``torch.load(path, weights_only=True)``
+once ``neuralgraph_quasi`` is imported (it registers the graph classes as safe to load).
+Outputs are written atomically (temporary file, then rename) and never over MODEL_FILE or
+each other (``--out`` and ``--draw`` must differ; ``--draw``'s extension names a format
+matplotlib writes). Any failure prints one line on stderr and exits with status 2.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pickle
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +33,7 @@ import torch
 from torch import nn
 
 from neuralgraph_quasi import ConversionError, draw, to_graph
+from neuralgraph_quasi.data._atomic import atomic_torch_save
 
 EXIT_ERROR = 2
 
@@ -157,8 +163,49 @@ def _example(args):
     return torch.randn(shape, dtype=getattr(torch, args.example_dtype))
 
 
+def _image_formats() -> set[str]:
+    from matplotlib.figure import Figure
+
+    return set(Figure().canvas.get_supported_filetypes())
+
+
+def _check_outputs(args) -> None:
+    """Refuse, before any work, outputs that would destroy the input or each other."""
+    source = args.model_file.resolve()
+    outputs = [("--out", args.out)] + ([("--draw", args.draw)] if args.draw else [])
+    for flag, path in outputs:
+        if path.resolve() == source:
+            raise CliError(f"{flag} {path} is the input MODEL_FILE: choose another file")
+        if path.is_dir():
+            raise CliError(f"{flag} {path} is a directory: give a file name")
+    if args.draw is not None:
+        if args.draw.resolve() == args.out.resolve():
+            raise CliError(f"--out and --draw are the same file ({args.out}): the picture "
+                           "would replace the graph")
+        fmt = args.draw.suffix.lstrip(".").lower()
+        formats = _image_formats()
+        if fmt not in formats:
+            raise CliError(f"--draw {args.draw}: unknown image format {fmt!r} (use one of "
+                           f"{', '.join(sorted(formats))})")
+
+
+def _draw_atomically(graph, path: Path, title: str) -> None:
+    """Draw to a temporary file beside ``path`` (same suffix, so the same format), then
+    rename it over ``path``: an interrupted or failed drawing leaves ``path`` as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        draw(graph, tmp, title=title)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def run(args) -> str:
     """Convert as ``args`` say; returns a one-line summary."""
+    _check_outputs(args)
     model = _model(args).eval()
     example = _example(args)
     if example is not None and torch.is_floating_point(example):
@@ -169,11 +216,9 @@ def run(args) -> str:
     except ConversionError as e:
         raise CliError(f"cannot convert {type(model).__qualname__}: {e}") from None
     try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(graph, args.out)
+        atomic_torch_save(graph, args.out)
         if args.draw is not None:
-            args.draw.parent.mkdir(parents=True, exist_ok=True)
-            draw(graph, args.draw, title=type(model).__qualname__)
+            _draw_atomically(graph, args.draw, type(model).__qualname__)
     except OSError as e:
         raise CliError(f"cannot write: {e}") from None
     return (f"{args.model_file} -> {args.out}: {graph.num_nodes} nodes, "

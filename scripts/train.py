@@ -7,7 +7,9 @@
     torchrun --nproc_per_node=2 scripts/train.py dataset=agnews_tf
 
 Outputs (metrics.json, last.ckpt, best.ckpt, log.csv, tensorboard/, plots) go to the run
-directory printed at the end; see docs/training.md.
+directory printed at the end (``output_dir``, or ``<output_dir>_2`` ... when another run
+holds it); see docs/training.md. A bad setting, a damaged or mismatched checkpoint and a
+missing or damaged zoo print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from neuralgraph_quasi.train import run
+from neuralgraph_quasi.data import ZooFormatError, ZooNotFoundError
+from neuralgraph_quasi.train import CheckpointError, ConfigError, run
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +45,14 @@ def main(cfg: DictConfig) -> float | None:
         print("interrupted: last.ckpt saved; rerun with trainer.resume=<run dir> to continue",
               file=sys.stderr)
         sys.exit(130)
+    except (ConfigError, CheckpointError, ZooNotFoundError, ZooFormatError) as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     if not metrics:  # a non-zero rank of a distributed run
         return None
     shown = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
     print(json.dumps(shown, indent=1, default=str))
-    print(f"run directory: {cfg.output_dir if not cfg.trainer.resume else cfg.trainer.resume}")
+    print(f"run directory: {metrics.get('run_dir', cfg.output_dir)}")
     for key in ("test_kendall_tau", "test_accuracy", "test_mse"):
         if key in metrics:
             return float(metrics[key])  # for hydra sweepers

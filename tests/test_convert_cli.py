@@ -173,3 +173,71 @@ def test_command_line_exit_code_and_output(tmp_path):
                           str(tmp_path / "h.pt")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "--arch" in bad.stderr
+
+
+def test_outputs_never_overwrite_the_input_or_each_other(tmp_path, capsys):
+    state = tmp_path / "state.pt"
+    torch.save(_classifier().state_dict(), state)
+    original = state.read_bytes()
+    cases = [
+        (["--out", state], r"--out .*state\.pt is the input"),
+        (["--out", tmp_path / "g.pt", "--draw", state], r"--draw .*state\.pt is the input"),
+        (["--out", tmp_path / "same.pt", "--draw", tmp_path / "same.pt"],
+         r"--out and --draw are the same file"),
+        (["--out", tmp_path], r"--out .* is a directory"),
+        (["--out", tmp_path / "g.pt", "--draw", tmp_path / "g.xyz"],
+         r"--draw .*g\.xyz: unknown image format 'xyz'"),
+        (["--out", tmp_path / "g.pt", "--draw", tmp_path / "pic"],
+         r"--draw .*pic: unknown image format ''"),
+    ]
+    for extra, message in cases:
+        code, out, err = _main(capsys, state, *extra, *ARCH)
+        assert code == 2 and re.search(message, err), (extra, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert state.read_bytes() == original
+    assert not (tmp_path / "g.pt").exists() and not (tmp_path / "same.pt").exists()
+    # through a different spelling of the same path
+    code, _, err = _main(capsys, state, "--out", tmp_path / "." / "state.pt", *ARCH)
+    assert code == 2 and "is the input" in err and state.read_bytes() == original
+
+
+def test_outputs_are_written_atomically(tmp_path, capsys, monkeypatch):
+    state = tmp_path / "state.pt"
+    torch.save(_classifier().state_dict(), state)
+    graph_file, png = tmp_path / "g.pt", tmp_path / "g.png"
+    graph_file.write_bytes(b"old graph")
+    png.write_bytes(b"old png")
+
+    def failing_draw(graph, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")  # a writer interrupted half-way
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert_cli, "draw", failing_draw)
+    code, _, err = _main(capsys, state, "--out", graph_file, "--draw", png, *ARCH)
+    assert code == 2 and "disk full" in err
+    assert png.read_bytes() == b"old png"  # untouched: no half-written picture
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "g.pt", "state.pt"]
+    monkeypatch.undo()
+    code, out, err = _main(capsys, state, "--out", graph_file, "--draw", png, *ARCH)
+    assert code == 0, err
+    graph = torch.load(graph_file, weights_only=True)
+    assert graph.num_nodes > 0 and png.read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "g.pt", "state.pt"]
+
+
+def test_graph_files_load_weights_only_after_importing_the_package(tmp_path):
+    """What docs/graph.md says: torch alone refuses the file; after the import it loads."""
+    torch.save(to_graph(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))),
+               tmp_path / "g.pt")
+    code = ("import sys, torch\n"
+            "def load():\n"
+            "    try:\n"
+            "        return f'loaded {torch.load(sys.argv[1], weights_only=True).num_nodes}'\n"
+            "    except Exception as e:\n"
+            "        return f'refused {\"Unsupported global\" in str(e)}'\n"
+            "print(load())\n"
+            "import neuralgraph_quasi\n"
+            "print(load())\n")
+    done = subprocess.run([sys.executable, "-c", code, tmp_path / "g.pt"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[:2] == ["refused True", "loaded 6"], done.stderr[-2000:]

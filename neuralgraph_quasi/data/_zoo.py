@@ -17,7 +17,10 @@ Processing (reading checkpoints, bulk conversion) runs once per combination of
 the settings that affect it (:meth:`GraphZoo.processing_settings`, the
 ``pre_transform`` and ``pre_filter``); each combination gets its own processed
 directory, so changing any of them re-processes. Selection that is cheap
-(accuracy threshold, split) happens at load time.
+(accuracy threshold, split) happens at load time. The cache also records a fingerprint of
+its sources (:meth:`GraphZoo.source_files`: the label tables by content, the other files by
+name, size and modification time); when the zoo's files change (completed, regenerated,
+members deleted, truncated or relabelled) the cache is rebuilt in place, with a log line.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import os.path as osp
 import re
 from dataclasses import dataclass, field
@@ -180,6 +184,33 @@ class GraphZoo(Dataset):
         raise ZooFormatError(f"{self.root}: a {self.zoo_name} member has neither a run nor a "
                              f"file to split it by (meta {sorted(meta)})")
 
+    def source_files(self) -> tuple[list[str], list[str]]:
+        """``(tables, files)`` the cache is built from: the label tables (fingerprinted by
+        content) and every other source file (by name, size and modification time).
+        Override in subclasses; the default (nothing) never finds a cache stale."""
+        return [], []
+
+    def source_fingerprint(self) -> str:
+        """A digest of :meth:`source_files` that changes when any of them does."""
+        tables, files = self.source_files()
+        digest = hashlib.sha256()
+        for path in tables:
+            digest.update(f"table {osp.relpath(path, self.root)}\0".encode())
+            try:
+                with open(path, "rb") as handle:
+                    for chunk in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(chunk)
+            except OSError:
+                digest.update(b"missing")
+        for path in files:
+            try:
+                stat = os.stat(path)
+                record = f"{stat.st_size} {stat.st_mtime_ns}"
+            except OSError:
+                record = "missing"
+            digest.update(f"\0file {osp.relpath(path, self.root)} {record}".encode())
+        return digest.hexdigest()
+
     def split_indices(self, targets: Tensor) -> dict[str, Tensor]:
         """Train/val/test positions (into ``targets``, the members left after filtering):
         each member by its own :func:`split_position` and ``self.splits``, so that a
@@ -220,6 +251,7 @@ class GraphZoo(Dataset):
         return ["zoo.pt"]
 
     def process(self) -> None:
+        source = self.source_fingerprint()  # before reading: a change meanwhile is seen later
         parts = []
         for part in self.read():
             if part.values is None:
@@ -241,7 +273,7 @@ class GraphZoo(Dataset):
                 meta = [meta[r] for r in keep.nonzero().view(-1).tolist()] if meta else meta
             parts.append({"arch": json.dumps(part.arch, sort_keys=True), "values": values,
                           "ints": ints, "targets": targets, "meta": json.dumps(meta)})
-        cache = {"parts": parts, "skipped": json.dumps(self.skipped)}
+        cache = {"parts": parts, "skipped": json.dumps(self.skipped), "source": source}
         atomic_torch_save(cache, self.processed_paths[0])
         self._fresh = cache  # _load_cache uses it instead of reading the file back
 
@@ -277,10 +309,47 @@ class GraphZoo(Dataset):
             log.warning("skipping unreadable checkpoint %s: %s", path, exc)
             return None
 
+    # -- labels ---------------------------------------------------------------------
+    def bad_member(self, reason: str, message: str) -> None:
+        """A member that breaks a rule: raise :class:`ZooFormatError` with ``message``
+        (``on_corrupt="raise"``), else log it and count it in ``skipped[reason]``."""
+        if self.on_corrupt == "raise":
+            raise ZooFormatError(message)
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        log.warning("skipping %s", message)
+
+    def parse_accuracy(self, text: Any, where: str) -> float | None:
+        """An accuracy label in ``[0, 1]`` from ``text``; ``None`` when it is not one
+        (skipped and counted as ``"bad labels"``, or raised: :meth:`bad_member`).
+        ``where`` names the file and row."""
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not 0.0 <= value <= 1.0:  # also NaN
+            self.bad_member("bad labels", f"{where}: accuracy {text!r} is not a number in "
+                                          "[0, 1]")
+            return None
+        return value
+
+    def parse_class_label(self, text: Any, where: str,
+                          num_classes: int | None = None) -> int | None:
+        """A class label, an integer in ``[0, num_classes)`` (``[0, inf)`` when
+        ``num_classes`` is ``None``); ``None`` when it is not one (see :meth:`parse_accuracy`)."""
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            self.bad_member("bad labels", f"{where}: label {text!r} is not an integer")
+            return None
+        if value < 0 or (num_classes is not None and value >= num_classes):
+            bound = "inf" if num_classes is None else num_classes
+            self.bad_member("bad labels", f"{where}: label {text!r} is not in [0, {bound})")
+            return None
+        return value
+
     # -- loading and access -------------------------------------------------------
     def _load_cache(self) -> None:
-        cache = self.__dict__.pop("_fresh", None) or torch.load(self.processed_paths[0],
-                                                                  weights_only=True)
+        cache = self.__dict__.pop("_fresh", None) or self._cache_if_current()
         self.skipped = json.loads(cache["skipped"])
         self._parts = []
         for part in cache["parts"]:
@@ -304,6 +373,30 @@ class GraphZoo(Dataset):
             self._members = members
         else:
             self._members = members[self.split_indices(targets[members])[self.split]]
+
+    def _cache_if_current(self) -> dict:
+        """The cache on disk if it was built from the files there now; else (or when it
+        cannot be read) it is rebuilt in place, with a log line saying why."""
+        path = self.processed_paths[0]
+        if not self.source_exists():
+            raise ZooNotFoundError(f"{self.missing_message()} (the cache {path} cannot be "
+                                   "checked against its sources)")
+        try:
+            cache = torch.load(path, weights_only=True)
+            reason = None if isinstance(cache, dict) and "parts" in cache else \
+                "it is not a zoo cache"
+        except Exception as exc:  # truncated or foreign file
+            reason = f"it cannot be read ({type(exc).__name__}: {exc})"
+        if reason is None and "source" not in cache:
+            reason = "it records no fingerprint of its sources (an older cache)"
+        elif reason is None and cache["source"] != self.source_fingerprint():
+            reason = "the zoo's files changed since it was built"
+        if reason is None:
+            return cache
+        log.warning("%s: rebuilding the cache %s in place: %s", self.zoo_name, path, reason)
+        self.skipped = {}
+        self.process()
+        return self.__dict__.pop("_fresh")
 
     def all_targets(self) -> Tensor:
         """Targets of every cached member (before filtering and splitting)."""

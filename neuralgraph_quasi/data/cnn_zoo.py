@@ -362,6 +362,9 @@ class SmallCNNZoo(GraphZoo):
         return {**super().processing_settings(), "activation": self.activation,
                 "step": self.step}
 
+    def source_files(self) -> tuple[list[str], list[str]]:
+        return [self.metrics_path, self.layout_path], [self.weights_path]
+
     def build_model(self, arch: dict[str, Any]) -> nn.Module:
         return small_cnn(arch["activation"], arch["in_channels"], arch["channels"],
                          arch["num_classes"])
@@ -407,7 +410,10 @@ class SmallCNNZoo(GraphZoo):
             if self.step is not None and step != self.step:
                 continue
             if self.activation is None or activation == self.activation:
-                selected.append((i, activation, accuracy))
+                accuracy = self.parse_accuracy(row["test_accuracy"], f"{self.metrics_path}: "
+                                               f"row {i} (line {i + 2}) test_accuracy")
+                if accuracy is not None:
+                    selected.append((i, activation, accuracy))
         return selected
 
     def _read_weights(self, layout: CNNLayout, num_rows: int) -> np.ndarray:

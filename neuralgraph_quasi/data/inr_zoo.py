@@ -200,6 +200,9 @@ class INRZoo(GraphZoo):
             (e.g. ``"randinit_smaller"`` to leave NFN's ``..._aug<k>_<label>s`` copies out).
             ``None``: every folder whose name ends in a label.
         w0: the sine frequency of the zoo's SIRENs (not stored in the files).
+        classes: labels must lie in ``[0, classes)``; ``None``: any label ``>= 0``.
+            A member whose label breaks this (or is not an integer) is skipped and counted
+            in ``skipped["bad labels"]`` (``on_corrupt="raise"``: raises).
         **kwargs: see :class:`~neuralgraph_quasi.data.GraphZoo` (``min_accuracy`` does
             not apply: targets are class labels).
 
@@ -211,7 +214,8 @@ class INRZoo(GraphZoo):
 
     def __init__(self, root: str, split: str = "train", *, split_mode: str = "random",
                  nfn_split_points: tuple[int, int] = NFN_SPLIT_POINTS, labels: str = "auto",
-                 prefix: str | None = None, w0: float = 30.0, **kwargs) -> None:
+                 prefix: str | None = None, w0: float = 30.0, classes: int | None = None,
+                 **kwargs) -> None:
         if split_mode not in ("random", "nfn"):
             raise ValueError(f"split_mode must be 'random' or 'nfn', got {split_mode!r}")
         if labels not in ("auto", "file", "folder"):
@@ -225,6 +229,7 @@ class INRZoo(GraphZoo):
         self.root = osp.expanduser(str(root))
         self.split_mode, self.nfn_split_points = split_mode, (int(lo), int(hi))
         self.prefix, self.w0 = prefix, float(w0)
+        self.classes = None if classes is None else int(classes)
         self.labels = labels if labels != "auto" else (
             "file" if osp.exists(self.labels_path) else "folder")
         super().__init__(root, split, **kwargs)
@@ -278,32 +283,58 @@ class INRZoo(GraphZoo):
                     f"name {folder!r} (expected `<label>` or `<prefix>_<label>s`); move its "
                     f"files or list them in {LABELS_FILE}")
             rel = f"{folder}/{name}"
+            if self.parse_class_label(label, osp.join(self.root, rel),
+                                      self.classes) is None:
+                continue
             entries.append({"file": rel, "label": label, "idx": _file_index(name)})
         entries.sort(key=lambda e: (e["idx"] is None, e["idx"] or 0, e["file"]))
         return entries
 
     def _entries_from_table(self) -> list[dict[str, Any]]:
-        with open(self.labels_path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            for column in ("file", "label"):
-                if column not in (reader.fieldnames or []):
-                    raise ZooFormatError(f"{self.labels_path}: missing column {column!r} "
-                                         f"(has {reader.fieldnames})")
-            rows = list(reader)
+        path = self.labels_path
+        rows = []
+        try:
+            with open(path, newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                columns = reader.fieldnames or []
+                for column in ("file", "label"):
+                    if column not in columns:
+                        raise ZooFormatError(f"{path}: missing column {column!r} "
+                                             f"(has {reader.fieldnames})")
+                for row in reader:
+                    extra = row.pop(None, None) or []
+                    missing = sum(value is None for value in row.values())
+                    if extra or missing:
+                        raise ZooFormatError(f"{path}: line {reader.line_num}: "
+                                             f"{len(columns) - missing + len(extra)} field(s), "
+                                             f"the header has {len(columns)}")
+                    rows.append((reader.line_num, row))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise ZooFormatError(f"{path}: cannot read: {exc}") from exc
         entries = []
-        for line, row in enumerate(rows, start=2):
-            try:
-                label = int(row["label"])
-            except ValueError:
-                raise ZooFormatError(f"{self.labels_path}: line {line} ({row['file']}): label "
-                                     f"{row['label']!r} is not an integer") from None
-            entries.append({**row, "label": label, "idx": _file_index(row["file"])})
+        for line, row in rows:
+            label = self.parse_class_label(row["label"], f"{path}: line {line} ({row['file']})",
+                                           self.classes)
+            if label is not None:
+                entries.append({**row, "label": label, "idx": _file_index(row["file"])})
         return entries
 
     # -- GraphZoo interface -----------------------------------------------------------
     def processing_settings(self) -> dict[str, Any]:
         return {**super().processing_settings(), "labels": self.labels, "prefix": self.prefix,
-                "w0": self.w0}
+                "w0": self.w0, "classes": self.classes}
+
+    def source_files(self) -> tuple[list[str], list[str]]:
+        if self.labels == "folder":
+            return [], [osp.join(self.root, folder, name)
+                        for folder, name in self._folder_files()]
+        try:  # the files the table lists (a garbled table raises when the cache is rebuilt)
+            with open(self.labels_path, newline="", encoding="utf-8") as handle:
+                listed = [row.get("file") for row in csv.DictReader(handle)]
+        except (OSError, UnicodeDecodeError, csv.Error):
+            listed = []
+        return [self.labels_path], [osp.join(self.root, f) for f in listed
+                                    if isinstance(f, str)]
 
     def build_model(self, arch: dict[str, Any]) -> nn.Module:
         return models.siren(**arch)

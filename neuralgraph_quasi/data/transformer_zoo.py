@@ -90,19 +90,35 @@ class SmallTransformerZoo(GraphZoo):
                 f"dataset.root={self.root}`, or put the published Small Transformer Zoo files "
                 f"(metadata/{self.name}.csv and {self.name}/*.pt) there.")
 
-    def _rows(self) -> list[dict[str, str]]:
-        with open(self.metadata_path, newline="") as f:
-            rows = list(csv.DictReader(f))
+    def _rows(self) -> list[tuple[int, dict[str, str]]]:
+        """``(line, row)`` of every metadata row; a row with missing or surplus fields, or
+        a file that is not UTF-8 CSV, raises :class:`ZooFormatError` naming file and line."""
+        path = self.metadata_path
         needed = ("ckpt_epoch", "ckpt_file", _ACCURACY[self.name])
-        for column in needed:
-            if rows and column not in rows[0]:
-                raise ZooFormatError(f"{self.metadata_path}: missing column {column!r}")
+        rows = []
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                columns = reader.fieldnames or []
+                for column in needed:
+                    if column not in columns:
+                        raise ZooFormatError(f"{path}: missing column {column!r}")
+                for row in reader:
+                    extra = row.pop(None, None) or []
+                    missing = sum(value is None for value in row.values())
+                    if extra or missing:
+                        fields = len(columns) - missing + len(extra)
+                        raise ZooFormatError(f"{path}: line {reader.line_num}: {fields} "
+                                             f"field(s), the header has {len(columns)}")
+                    rows.append((reader.line_num, row))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise ZooFormatError(f"{path}: cannot read: {exc}") from exc
         return rows
 
     def _default_epoch(self) -> str:
         if not self.generated or not self.source_exists():
             return str(PUBLISHED_EPOCH)
-        epochs = {row["ckpt_epoch"] for row in self._rows()}
+        epochs = {row["ckpt_epoch"] for _, row in self._rows()}
         numeric = [int(e) for e in epochs if e.isdigit()]
         if not numeric:
             raise ZooFormatError(f"{self.metadata_path}: no numeric ckpt_epoch")
@@ -112,13 +128,18 @@ class SmallTransformerZoo(GraphZoo):
     def processing_settings(self) -> dict[str, Any]:
         return {**super().processing_settings(), "name": self.name, "epoch": self.epoch}
 
+    def source_files(self) -> tuple[list[str], list[str]]:
+        files = [osp.join(self.root, row["ckpt_file"]) for _, row in self._rows()
+                 if row["ckpt_epoch"] == self.epoch]
+        return [self.metadata_path], files
+
     def build_model(self, arch: dict[str, Any]) -> nn.Module:
         embedding = models.PatchEmbedding() if arch["name"] == "mnist" else None
         return models.TransformerClassifier(num_classes=arch["num_classes"],
                                             embedding=embedding)
 
     def read(self) -> list[ZooPart]:
-        rows = [r for r in self._rows() if r["ckpt_epoch"] == self.epoch]
+        rows = [(line, r) for line, r in self._rows() if r["ckpt_epoch"] == self.epoch]
         if not rows:
             raise ZooFormatError(f"{self.metadata_path}: no checkpoint of epoch {self.epoch} "
                                  f"(pass epoch=... to choose another)")
@@ -127,8 +148,13 @@ class SmallTransformerZoo(GraphZoo):
         parts: dict[int, ZooPart] = {}
         stackers: dict[int, StateStacker] = {}
         spurious = 0
-        for row in tqdm(rows, desc=f"reading {self.name} checkpoints", unit="ckpt",
-                        disable=not self.log):
+        for line, row in tqdm(rows, desc=f"reading {self.name} checkpoints", unit="ckpt",
+                              disable=not self.log):
+            accuracy = self.parse_accuracy(row[_ACCURACY[self.name]],
+                                           f"{self.metadata_path}: line {line} "
+                                           f"({row['ckpt_file']})")
+            if accuracy is None:
+                continue
             path = osp.join(self.root, row["ckpt_file"])
             state = self.read_checkpoint(path)
             if state is None:
@@ -146,7 +172,7 @@ class SmallTransformerZoo(GraphZoo):
                 stackers[num_classes].add(state, where=f"{path}: ")
             except ConversionError as exc:  # a missing/unknown key or a wrong shape
                 raise ZooFormatError(str(exc)) from None
-            parts[num_classes].targets.append(float(row[_ACCURACY[self.name]]))
+            parts[num_classes].targets.append(accuracy)
             parts[num_classes].meta.append(row)
         if spurious:
             self.skipped["spurious queries.bias keys dropped"] = spurious

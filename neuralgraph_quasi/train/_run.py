@@ -26,12 +26,15 @@ from ..data import load_zoo
 from ..data._atomic import atomic_write_json
 from ..symmetry import RandomSymmetry
 from ._build import build_model, num_trainable, runtime_shapes
-from ._checkpoint import CheckpointError
+from ._checkpoint import CheckpointError, load_checkpoint
 from ._distributed import Dist, init_distributed
 from ._loop import Trainer, evaluate
 from ._plots import plot_alpha, plot_learning_curves, plot_predictions
+from ._predict import zoo_architectures
 from ._report import alpha_report, alpha_summary, paired_bootstrap, tree_baselines
+from ._rundir import check_resume_identity, claim_output_dir, release_output_dir
 from ._tasks import TASKS, Task
+from ._validate import validate_config
 
 __all__ = ["run", "resolve_device", "apply_gpu_defaults", "make_task", "open_splits"]
 
@@ -133,7 +136,7 @@ def _train_one(name: str, model_cfg, cfg: DictConfig, task: Task, splits, direct
         trainer_cfg = cfg.trainer.copy()
         trainer_cfg.epochs = int(cfg.trainer.baseline_epochs)
     extra = {"runtime": runtime, "model_config": OmegaConf.to_container(model_cfg, resolve=True),
-             "task": str(cfg.task)}
+             "task": str(cfg.task), "architectures": zoo_architectures(splits["train"])}
     trainer = Trainer(model, task, splits["train"], splits["val"], directory, optimizer,
                       trainer_cfg, device, dist, config, seed=int(cfg.seed), name=name,
                       extra=extra)
@@ -175,18 +178,25 @@ def run(cfg: DictConfig, cli_overrides: set[str] | frozenset = frozenset()) -> d
         if resume:
             cfg.output_dir = str(resume)
     OmegaConf.resolve(cfg)
+    validate_config(cfg)
     out = Path(cfg.output_dir)
     if resume:
         last = out / "last.ckpt"
         if not last.exists():
             raise CheckpointError(f"trainer.resume={resume}: no last.ckpt in that directory")
-    out.mkdir(parents=True, exist_ok=True)
+        check_resume_identity(load_checkpoint(last)["config"],
+                              OmegaConf.to_container(cfg, resolve=True), last)
     if applied:
         log.info("GPU defaults applied: %s", ", ".join(applied))
     dist = init_distributed(device)
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    if not resume:  # a directory of its own, even when another run started the same second
+        out = claim_output_dir(out, dist)
+        with open_dict(cfg):
+            cfg.output_dir = str(out)
+    out.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":  # TF32 matrix products (Ampere and later) unless tf32=false
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.trainer.get("tf32", True))
         torch.backends.cudnn.allow_tf32 = bool(cfg.trainer.get("tf32", True))
@@ -246,7 +256,7 @@ def run(cfg: DictConfig, cli_overrides: set[str] | frozenset = frozenset()) -> d
         "resumed_from_step": start_step if resume else None,
         "device": str(device), "world_size": dist.world_size,
         "seed": int(cfg.seed), "min_accuracy": cfg.get("min_accuracy"),
-        "gpu_defaults": applied,
+        "gpu_defaults": applied, "run_dir": str(out),
     })
     alpha_end = alpha_report(trainer.module, splits["test"], device, eval_bs)
     metrics.update(alpha_summary(alpha_end))
@@ -260,6 +270,7 @@ def run(cfg: DictConfig, cli_overrides: set[str] | frozenset = frozenset()) -> d
     atomic_write_json(out / "metrics.json", metrics)
     log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items()
                                         if isinstance(v, int | float)}, default=str))
+    release_output_dir()
     dist.barrier()
     return metrics
 

@@ -168,7 +168,7 @@ def test_wrong_shapes_and_bad_labels_are_named(tmp_path):
         INRZoo(tmp_path, split="all", log=False)
     write_labels_csv(tmp_path, [{"file": members[0][0], "label": "zero"}])
     with pytest.raises(ZooFormatError, match=r"labels\.csv: line 2 \(0/net0\.pth\).*'zero'"):
-        INRZoo(tmp_path, split="all", log=False)
+        INRZoo(tmp_path, split="all", on_corrupt="raise", log=False)
 
 
 def test_corrupt_checkpoint_is_skipped_and_counted_or_raises(tmp_path):

@@ -623,9 +623,11 @@ def run_chunks(chunks: list[list[dict]], todo: list[int],
         def advance(c: int, models: float) -> None:
             if stop.is_set():
                 raise _Stopped
-            with lock:
-                made[c] += models
-                bar.update(models)
+            with lock:  # float steps may sum past a chunk's size: the bar never overshoots
+                step = min(made[c] + models, len(chunks[c])) - made[c]
+                made[c] += step
+                bar.n = min(bar.n, num_models - step)  # rounding: n + step <= total
+                bar.update(step)
 
         futures = {pool.submit(train, c, partial(advance, c)): c for c in todo}
         try:
