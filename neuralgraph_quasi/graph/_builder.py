@@ -131,6 +131,7 @@ class Builder:
         self._acts: list[tuple[Tensor, int]] = []
         self._parent: list[int] = [FIXED]
         self.owners: dict[int, str] = {}  # id(module with parameters) -> its first path
+        self._spans: list[tuple[int, int, str]] = []  # memory [start, end) of each tensor
         self.int_buffers: list[tuple[str, Tensor]] = []
 
     # -- parameters and permutation classes ---------------------------------
@@ -140,9 +141,33 @@ class Builder:
             return self._param_ids[name]
         if not torch.is_floating_point(tensor):
             raise ConversionError(f"parameter {name!r} has non-float dtype {tensor.dtype}")
+        self._check_untied(name, tensor)
         self._param_ids[name] = len(self.params)
         self.params.append((name, tensor.detach(), kind))
         return self._param_ids[name]
+
+    def claim(self, name: str, tensor: Tensor) -> None:
+        """Reserve ``tensor``'s memory for ``name`` before it is registered (the fx converter
+        claims a module's tensors when the module is called, to name that fx node)."""
+        if torch.is_floating_point(tensor):
+            self._check_untied(name, tensor)
+
+    def _check_untied(self, name: str, tensor: Tensor) -> None:
+        """Two names for one memory (``b.weight = a.weight``, or a view of it) would become
+        two independent values in the graph: a symmetry could move them differently, and
+        ``to_model`` could not give them back as one tensor."""
+        if tensor.numel() == 0 or tensor.device.type == "meta" or tensor.data_ptr() == 0:
+            return
+        start = tensor.data_ptr()
+        extent = 1 + sum((n - 1) * abs(st) for n, st in zip(tensor.shape, tensor.stride(),
+                                                             strict=True))
+        end = start + extent * tensor.element_size()
+        for lo, hi, other in self._spans:
+            if start < hi and lo < end and other != name:
+                raise ConversionError(
+                    f"parameter {name!r} shares its memory with {other!r}: shared (tied) "
+                    "weights are not supported (give each layer its own tensor)")
+        self._spans.append((start, end, name))
 
     def int_buffer(self, name: str, tensor: Tensor) -> None:
         """Register an integer buffer (e.g. BatchNorm's ``num_batches_tracked``): kept

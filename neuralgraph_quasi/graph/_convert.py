@@ -13,7 +13,7 @@ from .._errors import ConversionError
 from ._builder import Builder, Template
 from ._converters import convert
 from ._fx import is_direct, trace_convert
-from ._schema import NeuralGraph
+from ._schema import Act, NeuralGraph
 
 __all__ = ["to_graph", "to_model", "to_graphs", "template", "stack_values", "StateStacker",
            "graph_from_values", "flat_from_graph"]
@@ -293,6 +293,55 @@ def _fingerprint(structure: Mapping[str, Tensor]) -> tuple:
     )
 
 
+def _check_activations(graph: NeuralGraph, tpl: Template) -> None:
+    """The graph's activations, layer by layer, are those of the template module.
+
+    Order-free (a re-indexed graph converts back too): the number of units per
+    ``(node_layer, node_act)`` must agree. A mismatch names the layer by the parameter
+    whose weights feed it (a Linear with Tanh where the graph has ReLU, say).
+    """
+    mine = {k: graph[k].cpu() for k in ("node_layer", "node_act")}
+    theirs = tpl.structure
+    acts = max(_top(mine["node_act"]), _top(theirs["node_act"])) + 1
+    layers = max(_top(mine["node_layer"]), _top(theirs["node_layer"])) + 1
+
+    def counts(s) -> Tensor:
+        return torch.bincount(s["node_layer"] * acts + s["node_act"],
+                              minlength=layers * acts).view(layers, acts)
+
+    a, b = counts(mine), counts(theirs)
+    if torch.equal(a, b):
+        return
+    layer = int((a != b).any(dim=1).nonzero()[0])
+
+    def names(counts_row: Tensor) -> str:
+        return ", ".join(f"{Act(i).name.lower()} on {int(n)}" for i, n in
+                         enumerate(counts_row.tolist()) if n and i != Act.IDENTITY) or "none"
+
+    raise ConversionError(
+        f"activations differ at {_layer_name(tpl, layer)}: the graph has {names(a[layer])}, "
+        f"the template module {names(b[layer])} (units per activation)")
+
+
+def _top(t: Tensor) -> int:
+    return int(t.max()) if t.numel() else 0
+
+
+def _layer_name(tpl: Template, layer: int) -> str:
+    """``layer`` of a template, named by the parameter feeding its nodes."""
+    s = tpl.structure
+    at = (s["node_layer"] == layer).nonzero().view(-1)
+    into = torch.isin(s["edge_index"][1], at) & (s["edge_param"] >= 0)
+    pids = s["edge_param"][into]
+    if not pids.numel():
+        pids = s["node_param"][at].view(-1)
+        pids = pids[pids >= 0]
+    if not pids.numel():
+        return f"layer {layer}"
+    name = tpl.params[int(pids.min())]["name"]
+    return f"layer {layer} (module {name.rpartition('.')[0] or '<root>'!r}, fed by {name!r})"
+
+
 def to_model(graph: NeuralGraph, like: nn.Module, example_input=None) -> nn.Module:
     """A deep copy of ``like`` whose parameters all come from ``graph``.
 
@@ -304,7 +353,8 @@ def to_model(graph: NeuralGraph, like: nn.Module, example_input=None) -> nn.Modu
 
     Raises:
         ConversionError: if ``like`` does not match the graph, naming the
-            first mismatching parameter and both shapes.
+            first mismatching parameter and both shapes, or the first layer
+            whose activations differ from the graph's.
     """
     if not isinstance(graph.spec, str):
         raise ConversionError("to_model takes one graph; split a batch with to_data_list()")
@@ -327,6 +377,7 @@ def to_model(graph: NeuralGraph, like: nn.Module, example_input=None) -> nn.Modu
     if mine != _fingerprint(tpl.structure):
         raise ConversionError(f"graph structure (nodes/edges per type {mine}) does not match "
                               f"the template module's {_fingerprint(tpl.structure)}")
+    _check_activations(graph, tpl)
 
     starts = _starts(graph.params).tolist()
     flat = flat_from_graph(graph)

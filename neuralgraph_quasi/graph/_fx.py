@@ -181,6 +181,8 @@ class _FxConverter(FxState):
             if first != path:
                 raise Unsupported(f"module {path!r} is the same object as {first!r}: shared "
                                   "(tied) weights are not supported")
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            self.b.claim(f"{path}.{name}", t)
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> Stream:
