@@ -18,6 +18,9 @@ target, and the module path.
 
 from __future__ import annotations
 
+import bisect
+import dis
+import inspect
 import math
 import operator
 
@@ -30,6 +33,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .. import models
 from .._errors import ConversionError
 from . import _fx_attention as attention
+from . import _fx_einops as einops
 from . import _fx_ops as ops
 from . import _fx_shapes as shapes
 from ._builder import MIXED, Builder, Stream
@@ -63,14 +67,59 @@ def is_direct(model: nn.Module) -> bool:
     return t in _CONVERTERS or t.__module__.startswith(("torch.nn", "torch.ao.nn"))
 
 
+def _rearrange():
+    """``einops.rearrange`` if einops is installed (it is optional)."""
+    try:
+        from einops import rearrange
+    except ImportError:
+        return None
+    return rearrange
+
+
+class _Proxy(fx.Proxy):
+    """A proxy that can also be iterated where fx cannot see the unpacking (``map(f,
+    x.chunk(3, -1))``): the pieces of a ``chunk`` into a known number."""
+
+    def __iter__(self):
+        node = self.node
+        count = None
+        if node.op == "call_method" and node.target == "chunk" or node.target is torch.chunk:
+            count = _arg(node.args[1:], node.kwargs, 0, "chunks")
+        elif node.op == "call_method" and node.target == "split" or node.target is torch.split:
+            sizes = _arg(node.args[1:], node.kwargs, 0, "split_size_or_sections" if
+                         node.op == "call_function" else "split_size")
+            count = len(sizes) if isinstance(sizes, (list, tuple)) else None
+        if isinstance(count, int):
+            return iter([self[i] for i in range(count)])
+        # ``a, b, c = proxy``: fx reads the count from the caller's UNPACK_SEQUENCE, which
+        # calling fx's own __iter__ from here would not see
+        caller = inspect.currentframe().f_back
+        code = list(dis.get_instructions(caller.f_code))
+        at = bisect.bisect_left([i.offset for i in code], caller.f_lasti)
+        if at < len(code) and code[at].opname == "UNPACK_SEQUENCE":
+            return iter([self[i] for i in range(code[at].argval)])
+        return self.tracer.iter(self)
+
+
 class _Tracer(fx.Tracer):
     """Known module types stay leaves (their converters know them); so do torch built-ins
-    (fx's default), which then raise as unsupported. ``nn.Sequential`` is traced through."""
+    (fx's default), which then raise as unsupported. ``nn.Sequential`` is traced through.
+    Buffers are read as fx nodes (a causal mask sliced to the sequence length), and
+    ``einops.rearrange`` is one fx node."""
+
+    proxy_buffer_attributes = True
+
+    def __init__(self) -> None:
+        rearrange = _rearrange()
+        super().__init__(autowrap_functions=(rearrange,) if rearrange is not None else ())
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if type(m) is nn.Sequential:
             return False
         return type(m) in _CONVERTERS or super().is_leaf_module(m, qualname)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
 
 _ACT_FUNCTIONS = {
@@ -90,6 +139,10 @@ _NUMERIC = {math.sqrt, math.log, math.exp, float, int, abs, round}  # on Python 
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d}
 _AVG_POOLS = {F.avg_pool1d, F.avg_pool2d}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
+# a mask stays a mask (comparing or negating a causal buffer before masked_fill)
+_MASK_METHODS = {"bool", "logical_not", "eq", "ne", "__invert__", "to", "type_as"}
+_MASK_FUNCTIONS = {operator.eq, operator.ne, operator.invert, torch.logical_not, torch.eq,
+                   torch.ne}
 # width of the token sequence that a module makes its own input nodes for
 _TOKEN_WIDTH = {
     models.SelfAttention: lambda m: m.queries.in_features,
@@ -366,7 +419,23 @@ class _FxConverter(FxState):
             return ops.arith(self, _ARITH_METHODS[name], x, rest[0])
         if name == "matmul":
             return attention.matmul(x, rest[0])
+        if name in ("split", "chunk"):
+            return attention.cut(x, _arg(rest, kwargs, 0, "split_size" if name == "split"
+                                         else "chunks"), _arg(rest, kwargs, 1, "dim", 0), name)
+        if name == "unbind":
+            return attention.unbind(x, _arg(rest, kwargs, 0, "dim", 0))
+        if name in ("masked_fill", "masked_fill_"):
+            return self._masked_fill(x, _arg(rest, kwargs, 0, "mask"),
+                                     _arg(rest, kwargs, 1, "value"))
+        if name in _MASK_METHODS:
+            return ops.mask_op(name, x, *rest, *kwargs.values())
         raise Unsupported(f"method {name!r} on {describe(x)} is not supported")
+
+    @staticmethod
+    def _masked_fill(x, mask, value):
+        if not is_num(value):
+            raise Unsupported(f"masked_fill with the value {describe(value)}: only a number")
+        return attention.masked(x, ops.as_mask(mask))
 
     def _call_function(self, fn, args, kwargs):
         if fn in _ACT_FUNCTIONS:
@@ -407,6 +476,21 @@ class _FxConverter(FxState):
             return attention.transpose(*args)
         if fn is torch.permute:
             return attention.permute(args[0], args[1])
+        if fn is torch.split:
+            return attention.cut(args[0], _arg(args, kwargs, 1, "split_size_or_sections"),
+                                 _arg(args, kwargs, 2, "dim", 0), "split")
+        if fn is torch.chunk:
+            return attention.cut(args[0], _arg(args, kwargs, 1, "chunks"),
+                                 _arg(args, kwargs, 2, "dim", 0), "chunk")
+        if fn is torch.unbind:
+            return attention.unbind(args[0], _arg(args, kwargs, 1, "dim", 0))
+        if fn is torch.masked_fill:
+            return self._masked_fill(args[0], _arg(args, kwargs, 1, "mask"),
+                                     _arg(args, kwargs, 2, "value"))
+        if fn in _MASK_FUNCTIONS:
+            return ops.mask_op(_target_name(self.node), *args, *kwargs.values())
+        if fn is not None and fn is _rearrange():
+            return einops.rearrange(args[0], *args[1:], **kwargs)
         raise Unsupported("unsupported function")
 
     def _getitem(self, x, index):
@@ -418,7 +502,17 @@ class _FxConverter(FxState):
                 raise Unsupported(f"{item.what} are not supported")
             return item
         if isinstance(x, Param):
-            return ops.param_slice(x, index)
+            try:
+                return ops.param_slice(x, index)
+            except Unsupported as e:
+                if x.kind != "buffer":
+                    raise
+                try:  # a buffer cut to the sequence length: an attention mask
+                    return ops.as_mask(x)
+                except Unsupported as mask_error:
+                    raise Unsupported(f"{e}; as an attention mask: {mask_error}") from None
+        if isinstance(x, Heads) and x.axes[0] == "P":
+            return attention.piece(x, index)
         raise Unsupported(f"indexing {describe(x)} with {index!r} is not supported")
 
     def _getattr(self, x, name: str):

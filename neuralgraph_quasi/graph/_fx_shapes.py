@@ -17,6 +17,7 @@ from ._fx_values import (
     Input,
     InShape,
     Pending,
+    Piece,
     TensorValue,
     Unsupported,
     axes_of,
@@ -103,11 +104,11 @@ def shape(st: FxState, v) -> tuple | InShape:
                              for lab, size in zip(labels, meta, strict=True)))
     if isinstance(v, (Heads, Core)):
         h = v if isinstance(v, Heads) else v.q
-        sizes = {"A": h.outer, "I": h.inner}
+        sizes = {"A": h.outer, "I": h.inner, "P": h.pieces}
         return tuple(sizes.get(a, Dim(a)) for a in v.axes)
-    if isinstance(v, Pending):
-        return tuple(Dim(a) if a != "F" else v.module.out_features
-                     for a in axes_of(v.src.stream))
+    if isinstance(v, (Pending, Piece)):
+        src = v.proj.src if isinstance(v, Piece) else v.src
+        return tuple(Dim(a) if a != "F" else v.width for a in axes_of(src.stream))
     s = st.tensor(v)
     width = s.stream.width
     if s.stream.kind == "flat":
@@ -120,7 +121,7 @@ def reshape(st: FxState, x, shape: tuple):
     heads, or merging heads back."""
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
-    if isinstance(x, Pending):
+    if isinstance(x, (Pending, Piece)):
         return attention.split_heads(x, shape)
     if isinstance(x, Core):
         return attention.merge(x, shape)

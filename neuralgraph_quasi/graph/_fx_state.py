@@ -17,7 +17,7 @@ from torch import Tensor, fx
 
 from ._builder import MIXED, Builder, Stream
 from ._converters import _linear
-from ._fx_values import Input, Merged, Pending, TensorValue, Unsupported, describe
+from ._fx_values import Input, Merged, Pending, Piece, TensorValue, Unsupported, describe
 from ._schema import NodeOp, NodeType
 
 # ops whose fresh output may hold a residual sum or a positional table
@@ -100,6 +100,11 @@ class FxState:
             return v.value
         if isinstance(v, Merged):
             raise Unsupported("merged attention heads must feed a Linear output projection")
+        if isinstance(v, Piece):
+            raise Unsupported(f"a piece of the split output of Linear {v.proj.path!r} is used "
+                              "as a tensor: the pieces of a split Linear output may only "
+                              "become attention q, k and v (anything else would need one "
+                              "graph stream per piece)")
         raise Unsupported(f"unsupported operand: {describe(v)}")
 
     def _materialize(self, p: Pending) -> TensorValue:

@@ -9,7 +9,7 @@ stages of a hand-written attention (:class:`Heads` → :class:`Scores` → :clas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
@@ -48,7 +48,22 @@ class Pending:
     path: str
     src: TensorValue
     out: TensorValue | None = None
-    claimed: bool = False  # split into attention heads
+    claimed: bool = False  # split into attention heads (or into pieces, see Piece)
+    taken: set[int] = field(default_factory=set)  # starts of the pieces split into heads
+
+    @property
+    def width(self) -> int:
+        return self.module.out_features
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Output features ``[start, start + width)`` of a pending ``Linear``, cut by ``split``
+    or ``chunk``: only attention heads may be made from it (a fused q/k/v projection)."""
+
+    proj: Pending
+    start: int
+    width: int
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,20 @@ class Heads:
     outer: int
     inner: int
     axes: tuple[str, ...]
+    start: int = 0  # first output feature of the Linear that these heads read
+    pieces: int = 1  # > 1: a fused q/k/v output whose axis "P" indexes the pieces
+
+    @property
+    def width(self) -> int:
+        return self.outer * self.inner
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A mask over (query, key) token pairs from a buffer (``tril[:, :, :T, :T] == 0``):
+    the same for every batch element and head, so every attention symmetry keeps it."""
+
+    name: str
 
 
 @dataclass(frozen=True)
@@ -149,6 +178,7 @@ class InShape:
 
 
 _NAMES = {Input: "the model input", Pending: "a Linear output", Heads: "attention heads",
+          Piece: "a piece of a split Linear output", Mask: "an attention mask",
           Scores: "attention scores", Probs: "attention probabilities",
           Core: "an attention output per head", Merged: "merged attention heads",
           Scaled: "a value times a constant", Param: "a parameter", TensorValue: "a tensor",
