@@ -77,6 +77,8 @@ class Template:
     dtype: torch.dtype
     model_type: str
     int_params: list[dict] = field(default_factory=list)
+    #: attention masks, by module path: ``"causal"`` or ``"buffer NAME"`` (traced attention)
+    masks: dict[str, str] = field(default_factory=dict)
     num_values: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -84,11 +86,11 @@ class Template:
 
     @property
     def spec(self) -> str:
-        return json.dumps(
-            {"params": self.params, "int_buffers": self.int_params,
-             "dtype": str(self.dtype).removeprefix("torch."), "model": self.model_type},
-            separators=(",", ":"),
-        )
+        spec = {"params": self.params, "int_buffers": self.int_params,
+                "dtype": str(self.dtype).removeprefix("torch."), "model": self.model_type}
+        if self.masks:  # only then: graphs without masked attention keep their spec
+            spec["attention_masks"] = self.masks
+        return json.dumps(spec, separators=(",", ":"))
 
     def materialize(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """``(edge_attr, x)`` from flat parameter values ``[P]`` or ``[M, P]``."""
@@ -132,6 +134,7 @@ class Builder:
         self._parent: list[int] = [FIXED]
         self.owners: dict[int, str] = {}  # id(module with parameters) -> its first path
         self._spans: list[tuple[int, int, str]] = []  # memory [start, end) of each tensor
+        self.masks: dict[str, str] = {}  # attention module path -> its mask (see Template)
         self.int_buffers: list[tuple[str, Tensor]] = []
 
     # -- parameters and permutation classes ---------------------------------
@@ -306,7 +309,7 @@ class Builder:
         params = [_describe(name, t, kind) for name, t, kind in self.params]
         ints = [_describe(name, t, "buffer") for name, t in self.int_buffers]
         return Template(structure, edge_gather, const, node_gather, params, starts, dtype,
-                        model_type, ints)
+                        model_type, ints, dict(self.masks))
 
     def flat_values(self) -> tuple[Tensor, Tensor]:
         """Flat float parameter values ``[P]`` and flat integer buffers ``[k]``."""

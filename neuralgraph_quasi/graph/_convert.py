@@ -378,6 +378,13 @@ def to_model(graph: NeuralGraph, like: nn.Module, example_input=None) -> nn.Modu
         raise ConversionError(f"graph structure (nodes/edges per type {mine}) does not match "
                               f"the template module's {_fingerprint(tpl.structure)}")
     _check_activations(graph, tpl)
+    masks = graph._spec().get("attention_masks", {})
+    if masks != tpl.masks:
+        path = sorted(k for k in set(masks) | set(tpl.masks)
+                      if masks.get(k) != tpl.masks.get(k))[0]
+        raise ConversionError(f"attention {path!r} is masked differently: the graph has "
+                              f"{masks.get(path) or 'no mask'}, the template module "
+                              f"{tpl.masks.get(path) or 'no mask'}")
 
     starts = _starts(graph.params).tolist()
     flat = flat_from_graph(graph)

@@ -23,6 +23,7 @@ import dis
 import inspect
 import math
 import operator
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ from ._fx_values import (
     Unsupported,
     describe,
     is_num,
+    resolve,
 )
 from ._schema import Act, NodeType
 
@@ -120,6 +122,26 @@ class _Tracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
+
+    def trace(self, root, concrete_args=None):
+        """fx wraps ``rearrange`` imported by name (``autowrap_functions``); a forward that
+        calls ``einops.rearrange`` reads the module's attribute, patched here meanwhile."""
+        einops_module = sys.modules.get("einops")
+        original = getattr(einops_module, "rearrange", None)
+        if original is None:
+            return super().trace(root, concrete_args)
+
+        def rearrange(tensor, *args, **kwargs):
+            if isinstance(tensor, fx.Proxy):
+                return tensor.tracer.create_proxy("call_function", original, (tensor, *args),
+                                                  kwargs)
+            return original(tensor, *args, **kwargs)
+
+        einops_module.rearrange = rearrange
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            einops_module.rearrange = original
 
 
 _ACT_FUNCTIONS = {
@@ -293,7 +315,7 @@ class _FxConverter(FxState):
     def _input_spec(m: nn.Module, inp: Input) -> tuple[str, int, bool] | None:
         """``(kind, width, tokens)`` of the input nodes for module ``m`` reading the model
         input, or ``None`` where ``m``'s converter makes its own."""
-        tokens = inp.rank == 3 and not inp.flat
+        tokens = inp.tokens
         t = type(m)
         if t is nn.Linear:
             return "vector", m.in_features, tokens
@@ -435,7 +457,7 @@ class _FxConverter(FxState):
     def _masked_fill(x, mask, value):
         if not is_num(value):
             raise Unsupported(f"masked_fill with the value {describe(value)}: only a number")
-        return attention.masked(x, ops.as_mask(mask))
+        return attention.masked(x, attention.as_mask(mask))
 
     def _call_function(self, fn, args, kwargs):
         if fn in _ACT_FUNCTIONS:
@@ -447,8 +469,8 @@ class _FxConverter(FxState):
             if fn in (torch.add, torch.mul, torch.div) and (kwargs or len(args) != 2):
                 raise Unsupported(f"{fn.__name__} with options {kwargs}")
             return ops.arith(self, _ARITH[fn], *args)
-        if fn in _NUMERIC and all(is_num(a) for a in args) and not kwargs:
-            return fn(*args)
+        if fn in _NUMERIC and all(is_num(resolve(a)) for a in args) and not kwargs:
+            return fn(*(resolve(a) for a in args))
         if fn is operator.getitem:
             return self._getitem(*args)
         if fn is getattr:
@@ -508,7 +530,7 @@ class _FxConverter(FxState):
                 if x.kind != "buffer":
                     raise
                 try:  # a buffer cut to the sequence length: an attention mask
-                    return ops.as_mask(x)
+                    return attention.as_mask(x)
                 except Unsupported as mask_error:
                     raise Unsupported(f"{e}; as an attention mask: {mask_error}") from None
         if isinstance(x, Heads) and x.axes[0] == "P":

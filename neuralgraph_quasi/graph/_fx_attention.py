@@ -20,6 +20,7 @@ from ._fx_values import (
     Input,
     Mask,
     Merged,
+    Param,
     Pending,
     Piece,
     Probs,
@@ -166,9 +167,7 @@ def permute(x, order) -> Heads | Core:
     new = tuple(axes[i % len(axes)] for i in order)
     if sorted(new) != sorted(axes):
         raise Unsupported(f"permutation {order} of axes {axes}")
-    if isinstance(x, Heads):
-        return replace(x, axes=new)
-    return Core(x.q, x.k, x.v, new)
+    return replace(x, axes=new)
 
 
 def transpose(x, a: int, b: int) -> Heads | Core:
@@ -193,12 +192,12 @@ def matmul(a, b) -> Scores | Core:
     if isinstance(a, Probs) and isinstance(b, Heads):
         if not (_layout(b, ("T", "I")) and b.axes[:-2] == a.axes[:-2]):
             raise Unsupported(f"matmul of attention probabilities with values of axes {b.axes}")
-        return _core(a.q, a.k, b)
+        return _core(a.q, a.k, b, a.mask)
     raise Unsupported(f"matmul of {describe(a)} and {describe(b)}: only the attention "
                       "pattern softmax(q kᵀ) v is supported")
 
 
-def _core(q: Heads, k: Heads, v: Heads) -> Core:
+def _core(q: Heads, k: Heads, v: Heads, mask: str = "") -> Core:
     for h in (q, k, v):
         if "P" in h.axes:
             raise Unsupported(f"attention on fused heads with axes {h.axes}: take q, k and v "
@@ -216,7 +215,7 @@ def _core(q: Heads, k: Heads, v: Heads) -> Core:
             raise Unsupported(f"the outputs of Linear {h.proj.path!r} (width {h.proj.width}) "
                               f"are not exactly q, k and v (pieces {used}): every output "
                               "feature must be a query, key or value coordinate")
-    return Core(q, k, v, v.axes)
+    return Core(q, k, v, v.axes, mask)
 
 
 def softmax(x, dim) -> Probs:
@@ -225,7 +224,7 @@ def softmax(x, dim) -> Probs:
     if dim is None or dim % len(x.axes) != len(x.axes) - 1:
         raise Unsupported(f"softmax over dim {dim} of attention scores: only over keys "
                           "(the last axis)")
-    return Probs(x.q, x.k, x.axes)
+    return Probs(x.q, x.k, x.axes, x.mask)
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
@@ -235,10 +234,8 @@ def sdpa(args, kwargs) -> Core:
     """``F.scaled_dot_product_attention(q, k, v, ...)``; a causal mask (``is_causal=True``)
     or an ``attn_mask`` shared by all heads keeps every attention symmetry."""
     bound = dict(zip(_SDPA_ARGS, args, strict=False)) | dict(kwargs)
-    if bound.get("attn_mask") is not None and not isinstance(bound["attn_mask"], Mask):
-        raise Unsupported(f"scaled_dot_product_attention with attn_mask "
-                          f"{describe(bound['attn_mask'])}: only a mask from a buffer shared "
-                          "by all heads and batch elements is supported")
+    if bound.get("attn_mask") is not None:
+        bound["attn_mask"] = as_mask(bound["attn_mask"])
     if bound.get("enable_gqa"):
         raise Unsupported("grouped-query attention is not supported")
     q, k, v = (bound.get(n) for n in _SDPA_ARGS[:3])
@@ -248,7 +245,35 @@ def sdpa(args, kwargs) -> Core:
     if not all(_layout(h, ("T", "I")) and h.axes == q.axes for h in (q, k, v)):
         raise Unsupported(f"scaled_dot_product_attention on heads with axes {q.axes}, "
                           f"{k.axes}, {v.axes}")
-    return _core(q, k, v)
+    mask = bound.get("attn_mask")
+    causal = bound.get("is_causal", False)
+    if not isinstance(causal, bool):
+        raise Unsupported(f"scaled_dot_product_attention with is_causal={causal!r}: only a "
+                          "constant True or False")
+    if causal and mask is not None:
+        raise Unsupported("scaled_dot_product_attention with both attn_mask and is_causal")
+    return _core(q, k, v, "causal" if causal else f"buffer {mask.name}" if mask else "")
+
+
+def as_mask(v) -> Mask:
+    """A buffer (possibly sliced, compared or negated) used as an attention mask. Its
+    values do not enter the graph (``to_model`` keeps the template module's buffer); what
+    matters is that it is the same for every batch element and head: all axes but the
+    last two (query, key) must have size 1."""
+    if isinstance(v, Mask):
+        return v
+    if not isinstance(v, Param):
+        raise Unsupported(f"{describe(v)} used as an attention mask: only a buffer is "
+                          "supported")
+    if v.kind != "buffer":
+        raise Unsupported(f"parameter {v.name!r} used as an attention mask: a learned mask "
+                          "has no place in the graph (register it as a buffer)")
+    shape = tuple(v.tensor.shape)
+    if len(shape) < 2 or any(n != 1 for n in shape[:-2]):
+        raise Unsupported(f"buffer {v.name!r} of shape {shape} used as an attention mask: "
+                          "only a mask over (query, key) shared by all heads and batch "
+                          "elements, of shape [T, T] or [1, 1, T, T], keeps the symmetries")
+    return Mask(v.name)
 
 
 def masked(scores, mask) -> Scores:
@@ -258,7 +283,10 @@ def masked(scores, mask) -> Scores:
     if not isinstance(mask, Mask):
         raise Unsupported(f"masking attention scores with {describe(mask)}: only with a mask "
                           "made from a buffer")
-    return scores
+    if scores.mask:
+        raise Unsupported(f"attention scores masked twice ({scores.mask}, then buffer "
+                          f"{mask.name})")
+    return replace(scores, mask=f"buffer {mask.name}")
 
 
 def merge(c: Core, shape: tuple | None) -> Merged:
@@ -302,5 +330,7 @@ def emit_attention(b: Builder, c: Core, out: nn.Linear, path: str) -> Stream:
     projs = tuple(_proj(b, h) for h in c.heads)
     sources = tuple(h.proj.src.stream for h in c.heads)
     parent = path.rpartition(".")[0]
+    if c.mask:
+        b.masks[parent or "<root>"] = c.mask
     return _attention(b, parent, sources, heads, projs, _out_proj(b, out, path),
                       out.out_features, inner)

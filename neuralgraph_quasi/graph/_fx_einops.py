@@ -71,6 +71,10 @@ def _order(pattern: str, left: list, right: list) -> list[int]:
 def _split(x, pattern: str, left: list, right: list, lengths: dict):
     proj = x.proj if isinstance(x, Piece) else x
     axes = axes_of(proj.src.stream)
+    if len(left) == len(axes) + 1 and not proj.src.stream.tokens:
+        raise Unsupported(f"rearrange {pattern!r} of a Linear output without a token axis "
+                          "(for a model whose input is the token sequence, pass "
+                          "example_input)")
     if len(left) != len(axes) or not isinstance(left[-1], tuple) or not 2 <= len(left[-1]) <= 3:
         raise Unsupported(f"rearrange {pattern!r} of a Linear output with axes {axes}: the "
                           "left side must name each axis, the last as a group (h d) or "

@@ -29,6 +29,7 @@ from ._fx_values import (
     axes_of,
     describe,
     is_num,
+    resolve,
 )
 from ._schema import Act, EdgeType, NodeOp, NodeType
 
@@ -49,13 +50,15 @@ def activate(st: FxState, x, act: Act) -> TensorValue:
 
 def arith(st: FxState, fn, a, b):
     """``fn(a, b)`` for ``fn`` among + - * // / **."""
+    a, b = resolve(a), resolve(b)
     if is_num(a) and is_num(b):
         return fn(a, b)
     if (isinstance(a, (Dim, int)) and isinstance(b, (Dim, int, float))
             or isinstance(b, Dim) and is_num(a)):
         return Dim("?")
     if fn is operator.add and isinstance(a, Scores) and isinstance(b, (Mask, Param)):
-        return attention.masked(a, as_mask(b))  # an additive mask (0 / -inf) from a buffer
+        # an additive mask (0 / -inf) from a buffer
+        return attention.masked(a, attention.as_mask(b))
     if fn is operator.add:
         return add(st, a, b)
     if fn is operator.mul and is_num(a):
@@ -134,30 +137,9 @@ def _add_positions(st: FxState, x, p: Param) -> TensorValue:
     return st.new(s.stream)
 
 
-def as_mask(v) -> Mask:
-    """A buffer (possibly sliced, compared or negated) used as an attention mask. Its
-    values do not enter the graph (``to_model`` keeps the template module's buffer); what
-    matters is that it is the same for every batch element and head: all axes but the
-    last two (query, key) must have size 1."""
-    if isinstance(v, Mask):
-        return v
-    if not isinstance(v, Param):
-        raise Unsupported(f"{describe(v)} used as an attention mask: only a buffer is "
-                          "supported")
-    if v.kind != "buffer":
-        raise Unsupported(f"parameter {v.name!r} used as an attention mask: a learned mask "
-                          "has no place in the graph (register it as a buffer)")
-    shape = tuple(v.tensor.shape)
-    if len(shape) < 2 or any(n != 1 for n in shape[:-2]):
-        raise Unsupported(f"buffer {v.name!r} of shape {shape} used as an attention mask: "
-                          "only a mask over (query, key) shared by all heads and batch "
-                          "elements, of shape [T, T] or [1, 1, T, T], keeps the symmetries")
-    return Mask(v.name)
-
-
 def mask_op(name: str, x, *rest):
     """``mask == 0``, ``~mask``, ``mask.bool()`` ...: still a mask."""
-    m = as_mask(x)
+    m = attention.as_mask(x)
     if not all(is_num(r) or isinstance(r, (bool, torch.dtype)) for r in rest):
         raise Unsupported(f"{name} of an attention mask with {rest}")
     return m

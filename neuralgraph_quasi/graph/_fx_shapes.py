@@ -96,7 +96,7 @@ def shape(st: FxState, v) -> tuple | InShape:
     if isinstance(v, Input):
         meta = st.meta_shape()
         if meta is None:
-            return InShape()
+            return InShape(owner=v)
         labels = {3: ("B", "T", None), 4: ("B", None, "S0", "S1")}.get(len(meta))
         if labels is None:
             return InShape((Dim("B"), *meta[1:]))

@@ -38,6 +38,15 @@ class Input:
     value: TensorValue | None = None
     taken: str | None = None  # path of a converter that made its own input nodes
     flat: bool = False
+    reads: set[int] = field(default_factory=set)  # indices of x.shape read (rank unknown)
+
+    @property
+    def tokens(self) -> bool:
+        """Whether the input is a token sequence ``[B, T, d]``: its rank is 3, or, without
+        ``example_input``, its shape was unpacked into three sizes (``b, t, d = x.shape``)."""
+        if self.flat:
+            return False
+        return self.rank == 3 or self.rank is None and max(self.reads, default=-1) == 2
 
 
 @dataclass
@@ -71,6 +80,16 @@ class Dim:
     """A size not known while tracing (batch, tokens, spatial), by axis label."""
 
     label: str
+    owner: Input | None = field(default=None, compare=False, repr=False)
+
+    def resolved(self) -> Dim | int:
+        """The model input's feature width for its last axis, once a layer has read the
+        input (``d`` of ``b, t, d = x.shape`` before ``d // heads``); else itself."""
+        inp = self.owner
+        if (inp is not None and inp.value is not None and inp.tokens
+                and self.label == "input axis 2"):
+            return inp.value.stream.width
+        return self
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,7 @@ class _QueryKey:
     q: Heads
     k: Heads
     axes: tuple[str, ...]
+    mask: str = ""  # how the scores are masked ("causal", "buffer NAME"); "" for none
 
 
 class Scores(_QueryKey):
@@ -121,6 +141,7 @@ class Core:
     k: Heads
     v: Heads
     axes: tuple[str, ...]
+    mask: str = ""
 
     @property
     def heads(self) -> tuple[Heads, Heads, Heads]:
@@ -167,14 +188,19 @@ class Opaque:
 
 @dataclass
 class InShape:
-    """``x.shape`` of the model input: symbolic sizes (concrete ones from example_input)."""
+    """``x.shape`` of the model input: symbolic sizes (concrete ones from example_input).
+    Without example_input, axis 0 is the batch and axis 1 the tokens (used only if the
+    shape is unpacked into three sizes: see :attr:`Input.tokens`)."""
 
     items: tuple | None = None
+    owner: Input | None = None
 
     def __getitem__(self, i):
         if self.items is not None:
             return self.items[i]
-        return Dim("B") if i == 0 else Dim(f"input axis {i}")
+        if isinstance(i, int) and i >= 0 and self.owner is not None:
+            self.owner.reads.add(i)
+        return {0: Dim("B"), 1: Dim("T")}.get(i, Dim(f"input axis {i}", self.owner))
 
 
 _NAMES = {Input: "the model input", Pending: "a Linear output", Heads: "attention heads",
@@ -200,6 +226,11 @@ def axes_of(s: Stream) -> tuple[str, ...]:
     if s.kind == "conv2d":
         return ("B", "F", "S0", "S1")
     return ("B", "T", "F") if s.tokens else ("B", "F")
+
+
+def resolve(v):
+    """``v``, with a size of the model input replaced by its value where known."""
+    return v.resolved() if isinstance(v, Dim) else v
 
 
 def is_num(v) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import einops
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -134,6 +135,23 @@ class Einops(nn.Module):
         dots = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         out = torch.matmul(dots.softmax(dim=-1), v)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class EinopsAttribute(nn.Module):
+    """``einops.rearrange`` called through the module, fused pattern, explicit scores."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = einops.rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3,
+                                   h=self.heads)
+        scores = einops.rearrange(k, "b h n d -> b h d n")
+        weights = torch.softmax(q @ scores * q.size(-1) ** -0.5, dim=-1)
+        return self.proj(einops.rearrange(weights @ v, "b h n d -> b n (h d)"))
 
 
 class TokenModel(nn.Module):

@@ -394,9 +394,11 @@ class _Twice(nn.Module):
 
 
 class _Masked(Attention):
+    """A mask per head: permuting heads would move it, so the symmetries do not hold."""
+
     def __init__(self, dim, heads):
         super().__init__(dim, heads)
-        self.register_buffer("mask", torch.ones(5, 5, dtype=torch.bool).tril())
+        self.register_buffer("mask", torch.rand(heads, 5, 5) > 0.5)
 
     def forward(self, x):
         b, t, d = x.shape
@@ -450,8 +452,8 @@ class _Control(nn.Module):
     (_ScaleBeforeRelu, r"fx node 'relu'.*constant factor before relu"),
     (_Twice, r"fx node 'a_1' \(op call_module, target a\) in module 'a' \(Linear\).*second "
              "time"),
-    (partial(_Masked, 8, 2), r"scaled_dot_product_attention.*in module <root> \(_Masked\).*"
-                             "attn_mask"),
+    (partial(_Masked, 8, 2), r"scaled_dot_product_attention.*in module <root> \(_Masked\): "
+                             r"buffer 'mask' of shape \(2, 5, 5\) used as an attention mask"),
     (partial(_StridedHeads, 8, 2), r"fx node 'scaled_dot_product_attention'.*heads with axes"),
     (_CatTokens, r"fx node 'cat' \(op call_function, target torch\.cat\).*only along the "
                  "feature"),
