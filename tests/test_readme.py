@@ -24,3 +24,14 @@ def test_first_screen_commands_are_those_of_ci():
     assert "python scripts/train.py dataset=agnews_tf" in first_screen
     assert 'pip install -e ".[test]"' in first_screen and 'pip install -e ".[test]"' in ci
     assert "python -m pytest -q" in first_screen and "python -m pytest -q" in ci
+
+
+def test_ci_tests_the_oldest_supported_torch_geometric():
+    root = README.parent
+    pyg = re.search(r'"torch-geometric\s*>=\s*([0-9.]+)\s*,\s*<\s*[0-9.]+"',
+                    (root / "pyproject.toml").read_text())
+    assert pyg, "pyproject.toml must declare torch-geometric as a range >=oldest,<cap"
+    ci = (root / ".ci" / "run").read_text()
+    assert f"OLDEST_PYG={pyg.group(1)} " in ci
+    assert 'pip install "torch-geometric==${OLDEST_PYG}"' in ci
+    assert ci.count("python -m pytest -q") == 2

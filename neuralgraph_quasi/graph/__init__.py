@@ -17,6 +17,7 @@ from ._schema import (
     WEIGHT_EDGE_TYPES,
     Act,
     EdgeType,
+    KernelValues,
     NeuralGraph,
     NodeOp,
     NodeType,
@@ -27,6 +28,7 @@ from ._schema import (
 
 __all__ = [
     "NeuralGraph",
+    "KernelValues",
     "to_graph",
     "to_graphs",
     "to_model",

@@ -118,21 +118,79 @@ class Slot(IntEnum):
 NUM_SLOTS = len(Slot)
 
 
+class KernelValues(torch.Tensor):
+    """The type of a :class:`NeuralGraph`'s ``edge_attr``: a plain tensor, except that
+    ``torch.cat`` of several along their first axis pads them with zeros to the widest
+    first. This is what lets PyG's own batching (``Batch.from_data_list``,
+    ``torch_geometric.loader.DataLoader``) put graphs of different kernel widths in one
+    batch, as :func:`collate` does. Every operation but a copy (``clone``, ``to``,
+    ``detach`` ...) returns a plain tensor, so a batch's ``edge_attr`` and everything
+    computed from it are plain tensors and cost nothing extra."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.cat:
+            args, kwargs = _padded_cat_args(args, kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        if func in _COPIES and isinstance(out, torch.Tensor):
+            return out.as_subclass(cls)
+        return out
+
+
+_COPIES = {torch.Tensor.clone, torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda,
+           torch.Tensor.detach, torch.Tensor.contiguous, torch.Tensor.pin_memory,
+           torch.Tensor.share_memory_, torch.Tensor.double, torch.Tensor.float,
+           torch.Tensor.requires_grad_}
+
+
+def _padded_cat_args(args, kwargs):
+    tensors = args[0] if args else kwargs["tensors"]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    tensors = list(tensors)
+    if (dim != 0 or len(tensors) < 2 or any(t.dim() != 2 for t in tensors)
+            or len({t.size(1) for t in tensors}) == 1):
+        return args, kwargs
+    width = max(t.size(1) for t in tensors)
+    padded = [torch.nn.functional.pad(t.as_subclass(torch.Tensor), (0, width - t.size(1)))
+              for t in tensors]
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("tensors", "dim", "out")}
+    return (padded, 0), kwargs  # `out` (PyG's shared memory in workers) has the old shape
+
+
+def _kernels(value):
+    if isinstance(value, torch.Tensor) and type(value) is not KernelValues:
+        return value.as_subclass(KernelValues)
+    return value
+
+
 class NeuralGraph(Data):
     r"""A neural network as a graph: a node per neuron or channel, an edge per weight.
 
     A :class:`torch_geometric.data.Data` whose attributes are described in
     ``docs/graph.md``. Built by :func:`~neuralgraph_quasi.to_graph`, turned
     back into a module by :func:`~neuralgraph_quasi.to_model`. Graphs of
-    different architectures batch with :func:`~neuralgraph_quasi.collate`
-    (which pads kernel vectors to a common width) or with
-    :meth:`torch_geometric.data.Batch.from_data_list` once their
-    ``edge_attr`` widths agree.
+    different architectures batch with :func:`~neuralgraph_quasi.collate`,
+    :meth:`torch_geometric.data.Batch.from_data_list` or PyG's ``DataLoader``:
+    ``edge_attr`` is a :class:`KernelValues`, which pads kernel vectors to a
+    common width when PyG concatenates them.
 
     Integer attributes that hold graph-local ids (``edge_param``,
     ``node_perm``, ``node_head`` ...) deliberately avoid ``index`` and
     ``batch`` in their names, so batching leaves them unshifted.
     """
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        super().__setattr__(key, _kernels(value) if key == "edge_attr" else value)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, _kernels(value) if key == "edge_attr" else value)
+
+    def __setstate__(self, mapping: dict[str, Any]) -> None:
+        super().__setstate__(mapping)
+        if isinstance(self._store.get("edge_attr"), torch.Tensor):
+            self._store["edge_attr"] = _kernels(self._store["edge_attr"])
 
     def __repr__(self) -> str:
         text = super().__repr__()
@@ -190,4 +248,5 @@ def collate(graphs: list[NeuralGraph]):
 
 
 # torch.load(weights_only=True) of a NeuralGraph needs the class and PyG's storages.
-torch.serialization.add_safe_globals([NeuralGraph, GlobalStorage, DataEdgeAttr, DataTensorAttr])
+torch.serialization.add_safe_globals([NeuralGraph, GlobalStorage, DataEdgeAttr, DataTensorAttr,
+                                      KernelValues])
