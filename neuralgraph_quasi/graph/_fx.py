@@ -162,7 +162,7 @@ _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d}
 _AVG_POOLS = {F.avg_pool1d, F.avg_pool2d}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 # a mask stays a mask (comparing or negating a causal buffer before masked_fill)
-_MASK_METHODS = {"bool", "logical_not", "eq", "ne", "__invert__", "to", "type_as"}
+_MASK_METHODS = {"bool", "logical_not", "eq", "ne", "__invert__", "to"}
 _MASK_FUNCTIONS = {operator.eq, operator.ne, operator.invert, torch.logical_not, torch.eq,
                    torch.ne}
 # width of the token sequence that a module makes its own input nodes for

@@ -140,7 +140,7 @@ def _add_positions(st: FxState, x, p: Param) -> TensorValue:
 def mask_op(name: str, x, *rest):
     """``mask == 0``, ``~mask``, ``mask.bool()`` ...: still a mask."""
     m = attention.as_mask(x)
-    if not all(is_num(r) or isinstance(r, (bool, torch.dtype)) for r in rest):
+    if not all(isinstance(r, (int, float, bool, str, torch.dtype, torch.device)) for r in rest):
         raise Unsupported(f"{name} of an attention mask with {rest}")
     return m
 

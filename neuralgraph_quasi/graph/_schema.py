@@ -130,7 +130,7 @@ class KernelValues(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.cat:
+        if func in _CATS:
             args, kwargs = _padded_cat_args(args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
@@ -139,6 +139,7 @@ class KernelValues(torch.Tensor):
         return out
 
 
+_CATS = {torch.cat, torch.concat, torch.concatenate}
 _COPIES = {torch.Tensor.clone, torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda,
            torch.Tensor.detach, torch.Tensor.contiguous, torch.Tensor.pin_memory,
            torch.Tensor.share_memory_, torch.Tensor.double, torch.Tensor.float,
@@ -147,15 +148,15 @@ _COPIES = {torch.Tensor.clone, torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.c
 
 def _padded_cat_args(args, kwargs):
     tensors = args[0] if args else kwargs["tensors"]
-    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
     tensors = list(tensors)
-    if (dim != 0 or len(tensors) < 2 or any(t.dim() != 2 for t in tensors)
+    if (dim not in (0, -2) or len(tensors) < 2 or any(t.dim() != 2 for t in tensors)
             or len({t.size(1) for t in tensors}) == 1):
         return args, kwargs
     width = max(t.size(1) for t in tensors)
     padded = [torch.nn.functional.pad(t.as_subclass(torch.Tensor), (0, width - t.size(1)))
               for t in tensors]
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("tensors", "dim", "out")}
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("tensors", "dim", "axis", "out")}
     return (padded, 0), kwargs  # `out` (PyG's shared memory in workers) has the old shape
 
 
