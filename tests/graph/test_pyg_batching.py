@@ -129,3 +129,16 @@ def test_kernel_values_pad_only_when_edges_are_concatenated(zoo):
     with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
         torch.cat([a[:3], b[:4]], dim=1)  # along the kernel axis: no padding
     assert type(a * 2) is torch.Tensor  # computations give plain tensors
+
+
+def test_parts_of_two_batches_need_collate(zoo):
+    """The documented limit (docs/graph.md, first screen): graphs out of to_data_list() hold
+    plain padded tensors; parts of batches of different widths batch with collate only."""
+    models, graphs = zoo
+    narrow = Batch.from_data_list([graphs[0], graphs[2]]).to_data_list()  # widths 1
+    wide = Batch.from_data_list([graphs[1], graphs[3]]).to_data_list()  # widths 9
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        Batch.from_data_list(narrow + wide)
+    parts = collate(narrow + wide).to_data_list()
+    order = [0, 2, 1, 3]
+    _round_trips(parts, [models[i] for i in order], [FACTORIES[i] for i in order])
