@@ -160,6 +160,15 @@ def _padded_cat_args(args, kwargs):
     return (padded, 0), kwargs  # `out` (PyG's shared memory in workers) has the old shape
 
 
+class _GraphStorage(GlobalStorage):
+    """A graph's attribute storage: ``edge_attr`` is kept a :class:`KernelValues` however
+    it is set (attribute, item, ``to``/``clone``, or PyG's ``to_data_list`` writing into
+    the storage)."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, _kernels(value) if key == "edge_attr" else value)
+
+
 def _kernels(value):
     if isinstance(value, torch.Tensor) and type(value) is not KernelValues:
         return value.as_subclass(KernelValues)
@@ -182,16 +191,26 @@ class NeuralGraph(Data):
     ``batch`` in their names, so batching leaves them unshifted.
     """
 
-    def __setattr__(self, key: str, value: Any) -> None:
-        super().__setattr__(key, _kernels(value) if key == "edge_attr" else value)
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        super().__setitem__(key, _kernels(value) if key == "edge_attr" else value)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._keep_kernel_values()
 
     def __setstate__(self, mapping: dict[str, Any]) -> None:
-        super().__setstate__(mapping)
-        if isinstance(self._store.get("edge_attr"), torch.Tensor):
-            self._store["edge_attr"] = _kernels(self._store["edge_attr"])
+        super().__setstate__(mapping)  # graphs saved before KernelValues: plain storage
+        self._keep_kernel_values()
+
+    def _keep_kernel_values(self) -> None:
+        """Hold attributes in a :class:`_GraphStorage` (not a batch: its ``edge_attr``
+        stays a plain tensor)."""
+        from torch_geometric.data import Batch
+
+        old = self.__dict__.get("_store")
+        if isinstance(self, Batch) or old is None or type(old) is _GraphStorage:
+            return
+        new = _GraphStorage(_parent=self)
+        for key, value in old._mapping.items():
+            new[key] = value
+        self.__dict__["_store"] = new
 
     def __repr__(self) -> str:
         text = super().__repr__()
@@ -250,4 +269,4 @@ def collate(graphs: list[NeuralGraph]):
 
 # torch.load(weights_only=True) of a NeuralGraph needs the class and PyG's storages.
 torch.serialization.add_safe_globals([NeuralGraph, GlobalStorage, DataEdgeAttr, DataTensorAttr,
-                                      KernelValues])
+                                      KernelValues, _GraphStorage])

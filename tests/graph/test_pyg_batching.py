@@ -131,14 +131,34 @@ def test_kernel_values_pad_only_when_edges_are_concatenated(zoo):
     assert type(a * 2) is torch.Tensor  # computations give plain tensors
 
 
-def test_parts_of_two_batches_need_collate(zoo):
-    """The documented limit (docs/graph.md, first screen): graphs out of to_data_list() hold
-    plain padded tensors; parts of batches of different widths batch with collate only."""
+def test_parts_of_two_batches_of_different_widths_batch_again(zoo):
+    """Graphs out of to_data_list() keep KernelValues too (PyG writes them into the graph's
+    storage, which keeps the type)."""
     models, graphs = zoo
     narrow = Batch.from_data_list([graphs[0], graphs[2]]).to_data_list()  # widths 1
     wide = Batch.from_data_list([graphs[1], graphs[3]]).to_data_list()  # widths 9
-    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
-        Batch.from_data_list(narrow + wide)
-    parts = collate(narrow + wide).to_data_list()
+    assert all(isinstance(g.edge_attr, KernelValues) for g in narrow + wide)
     order = [0, 2, 1, 3]
-    _round_trips(parts, [models[i] for i in order], [FACTORIES[i] for i in order])
+    for batcher in (Batch.from_data_list, collate):
+        parts = batcher(narrow + wide).to_data_list()
+        _round_trips(parts, [models[i] for i in order], [FACTORIES[i] for i in order])
+
+
+def test_graphs_saved_with_plain_storage_load_as_kernel_values(zoo):
+    """A graph file written before KernelValues (plain tensor in a plain GlobalStorage)."""
+    from torch_geometric.data.storage import GlobalStorage
+
+    models, graphs = zoo
+    old = graphs[1].clone()
+    plain = GlobalStorage(_parent=old)
+    for key, value in old._store.items():
+        plain[key] = value.as_subclass(torch.Tensor) if key == "edge_attr" else value
+    old.__dict__["_store"] = plain
+    assert type(old.edge_attr) is torch.Tensor
+    buffer = io.BytesIO()
+    torch.save(old, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert isinstance(loaded.edge_attr, KernelValues)
+    batch = Batch.from_data_list([graphs[0], loaded])
+    assert_state_equal(models[1], to_model(batch.to_data_list()[1], models[1]))
