@@ -76,8 +76,10 @@ def no_autocast(device_type: str):
 class _ScatterExtremum(torch.autograd.Function):
     """``scatter(src, index, reduce="max"|"min")`` along dim 0 (empty segments give 0) with a
     cheaper backward than ``scatter_reduce``'s: the gradient of each segment goes to the
-    entries equal to its extremum, shared equally among ties (the same gradient as
-    PyTorch's), found by a gather and a comparison instead of a broadcast ``scatter``."""
+    entries equal to its extremum, shared equally among ties (PyTorch's gradient, except
+    where an extremum is exactly 0: ``scatter_reduce`` then counts the zero it starts from
+    as one more tie), found by a gather and a comparison instead of a broadcast
+    ``scatter``."""
 
     @staticmethod
     def forward(ctx, src: Tensor, index: Tensor, dim_size: int, reduce: str) -> Tensor:
