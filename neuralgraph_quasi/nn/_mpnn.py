@@ -179,6 +179,9 @@ class EdgeMPLayer(MessagePassing):
         self.node_mlp = mlp((1 + 2 * len(aggregators)) * H, H, H)
         self.edge_norm = nn.LayerNorm(H)
         self.node_norm = nn.LayerNorm(H)
+        # 1 on FiLM's γ rows (not a parameter, not saved): adds the 1 of 1 + γ to its bias
+        self.register_buffer("film_one", torch.tensor([1.0, 0.0, 1.0, 0.0]).repeat_interleave(H),
+                             persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -194,24 +197,24 @@ class EdgeMPLayer(MessagePassing):
         # source ([U, A, B']) and at its target ([V, B, A']) side by side, so that one
         # gather per end and one addition give U h_i + V h_j and both messages'
         # pre-activations; FiLM's 1 + γ is folded into its bias, and a message is one
-        # fused multiply-add; both directions' messages are aggregated in one call,
-        # messages against the edges going to rows |V| ... 2|V| - 1.
+        # fused multiply-add. Tensors are cut with split (whose backward is one cat), not
+        # slices (whose backward fills a zero tensor of the whole input per slice).
         H, num_nodes = self.hidden_dim, h.size(0)
         src, dst = edge_index[0], edge_index[1]
         weight, bias = self._node_maps()
-        nodes = nn.functional.linear(h, weight, bias)
-        pre = (nodes[:, :3 * H].index_select(0, src)
-               + nodes[:, 3 * H:].index_select(0, dst))  # [|E|, 3H]
-        hidden = nn.functional.silu(pre[:, :H] + self.edge_self(e))
+        at_src, at_dst = nn.functional.linear(h, weight, bias).split(3 * H, dim=-1)
+        edge_pre, up_pre, down_pre = (at_src.index_select(0, src)
+                                      + at_dst.index_select(0, dst)).split(H, dim=-1)
+        hidden = nn.functional.silu(edge_pre + self.edge_self(e))
         e = self.edge_norm(e + self.edge_out(hidden))
-        weight, bias = self._film()
-        film = nn.functional.linear(e, weight, bias)  # [1 + γ→, 1 + γ←, β→, β←]
-        messages = torch.addcmul(film[:, 2 * H:], nn.functional.silu(pre[:, H:]),
-                                 film[:, :2 * H])  # [|E|, 2H]: along, against the edges
-        index = torch.stack([dst, src + num_nodes], dim=1).view(-1)
-        pooled = self.aggregate(messages.reshape(2 * src.numel(), H), index,
-                                dim_size=2 * num_nodes)
-        up, down = pooled[:num_nodes], pooled[num_nodes:]
+        gain, shift, gain_rev, shift_rev = nn.functional.linear(
+            e, self.film.weight, self._film_bias()).split(H, dim=-1)
+        # each direction's messages contiguous and aggregated on their own: a scatter into
+        # rows in index order (targets of edges sorted by target) is the cheapest
+        up = self.aggregate(torch.addcmul(shift, nn.functional.silu(up_pre), gain), dst,
+                            dim_size=num_nodes)
+        down = self.aggregate(torch.addcmul(shift_rev, nn.functional.silu(down_pre), gain_rev),
+                              src, dim_size=num_nodes)
         h = self.node_norm(h + self.node_mlp(torch.cat([h, up, down], dim=-1)))
         return h, e
 
@@ -224,14 +227,10 @@ class EdgeMPLayer(MessagePassing):
         bias = torch.cat([lin.bias[k * H:(k + 1) * H] for lin, k in order])
         return weight, bias
 
-    def _film(self) -> tuple[Tensor, Tensor]:
-        """FiLM's rows reordered to ``[γ→; γ←; β→; β←]``, with 1 added to the γ biases."""
-        H, lin = self.hidden_dim, self.film
-        rows = (0, 2, 1, 3)
-        weight = torch.cat([lin.weight[k * H:(k + 1) * H] for k in rows])
-        bias = torch.cat([lin.bias[k * H:(k + 1) * H] + (1.0 if k in (0, 2) else 0.0)
-                          for k in rows])
-        return weight, bias
+    def _film_bias(self) -> Tensor:
+        """FiLM's bias ``[γ→; β→; γ←; β←]`` with 1 added to the γ parts: ``1 + γ`` from the
+        matrix product."""
+        return self.film.bias + self.film_one.to(self.film.bias.dtype)
 
     def aggregate(self, inputs: Tensor, index: Tensor, ptr: Tensor | None = None,
                   dim_size: int | None = None) -> Tensor:
