@@ -7,8 +7,13 @@ import contextlib
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
-from torch_geometric.nn.aggr import (MaxAggregation, MeanAggregation, MinAggregation,
-                                     MultiAggregation, SumAggregation)
+from torch_geometric.nn.aggr import (
+    MaxAggregation,
+    MeanAggregation,
+    MinAggregation,
+    MultiAggregation,
+    SumAggregation,
+)
 from torch_geometric.utils import scatter
 
 from ..graph._schema import NUM_SLOTS, Act, NodeOp, NodeType

@@ -15,8 +15,13 @@ from neuralgraph_quasi.nn import QuasiGNN, StatNN, compile_layers
 from neuralgraph_quasi.nn._compile import compile_supported, compiled_layers
 from neuralgraph_quasi.train import PredictAccuracy
 from neuralgraph_quasi.train._distributed import Dist
-from neuralgraph_quasi.train._loop import (COMPILE_MIN_STEPS, Trainer, native_bfloat16,
-                                           resolve_amp, resolve_compile)
+from neuralgraph_quasi.train._loop import (
+    COMPILE_MIN_STEPS,
+    Trainer,
+    native_bfloat16,
+    resolve_amp,
+    resolve_compile,
+)
 
 CPU = torch.device("cpu")
 
