@@ -101,21 +101,19 @@ def resolve_amp(trainer: Any, device: torch.device) -> tuple[bool, str]:
 
 def resolve_compile(trainer: Any, model: nn.Module, device: torch.device,
                     total_steps: int) -> tuple[bool, str]:
-    """``trainer.compile`` (``auto|true|false``) as a decision and its reason. ``auto``:
-    compile when the model has message-passing layers to compile
-    (:func:`~neuralgraph_quasi.nn.compile_layers`), ``torch.compile`` can run on the device
-    (a C++ compiler on the CPU, Triton on CUDA), and the run has at least
+    """``trainer.compile`` (``auto|true|false``) as a decision and its reason. A model without
+    message-passing layers (:func:`~neuralgraph_quasi.nn.compile_layers`; e.g. the STATNN
+    baseline) always runs eager. ``auto``: compile when ``torch.compile`` can run on the
+    device (a C++ compiler on the CPU, Triton on CUDA) and the run has at least
     :data:`COMPILE_MIN_STEPS` training steps to pay back the compile time."""
     from ..nn._compile import _layers, compile_supported
 
     choice = _switch(trainer, "compile", "auto")
+    if choice is not False and _layers(model) is None:  # e.g. the STATNN baseline
+        return False, (f"trainer.compile={'auto' if choice is None else 'true'}: "
+                       f"{type(model).__name__} has no layers to compile")
     if choice is not None:
-        if choice and _layers(model) is None:
-            raise ValueError(f"trainer.compile=true: {type(model).__name__} has no "
-                             "backbone.layers to compile")
         return choice, f"trainer.compile={str(choice).lower()}"
-    if _layers(model) is None:
-        return False, f"trainer.compile=auto: {type(model).__name__} has no layers to compile"
     if device.type == "cuda":
         import importlib.util
 
