@@ -272,8 +272,9 @@ class GNNSizes:
 #: Issue #8's sizes, for a GPU: AGNews only at batch 128 (~2.3M edges).
 FULL_SIZES = GNNSizes({"siren": (128, 512), "cnn": (128, 512), "agnews": (128,)},
                       (32, 128), warmup=10, steps=20, repeats=5)
-#: The full sizes would take hours on 2 CPU cores: smaller batches, one step per repeat.
-CPU_SIZES = GNNSizes({"siren": (16, 64), "cnn": (16, 64), "agnews": (4,)},
+#: The full sizes would take hours on 2 CPU cores: smaller batches, one step per repeat
+#: (graphs/s was flat from batch 16 to 64 on the CPU, so one batch per workload).
+CPU_SIZES = GNNSizes({"siren": (16,), "cnn": (16,), "agnews": (4,)},
                      (32, 128), warmup=1, steps=1, repeats=3)
 #: ``--quick``: a smoke run of seconds.
 QUICK_SIZES = GNNSizes({"siren": (8,), "cnn": (8,), "agnews": (2,)}, (16,), warmup=1, steps=1,
@@ -350,10 +351,76 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+class Yardstick(nn.Module):
+    """Issue #14's yardstick, a plain PyG stack timed beside every metanetwork row:
+    ``h = Linear(x)``, ``e = Linear(edge_attr)``, then ``depth`` times
+    ``h = h + GINEConv(MLP(H→H→H, SiLU), edge_dim=H)(h, edge_index, e)``, mean pool,
+    ``Linear(H, 1)`` (MSE and AdamW in the training step, float32). Our layer does more per
+    edge (edge updates, messages both ways, FiLM, two aggregations), so ``ratio = ours /
+    yardstick`` is below 1 by design; the ratio, not the rate, survives a change of machine
+    or load."""
+
+    def __init__(self, node_dim: int, edge_dim: int, width: int, depth: int = NUM_LAYERS
+                 ) -> None:
+        super().__init__()
+        from torch_geometric.nn import GINEConv
+
+        self.node_in = nn.Linear(node_dim, width)
+        self.edge_in = nn.Linear(edge_dim, width)
+        self.convs = nn.ModuleList(
+            GINEConv(nn.Sequential(nn.Linear(width, width), nn.SiLU(),
+                                   nn.Linear(width, width)), edge_dim=width)
+            for _ in range(depth))
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, batch) -> torch.Tensor:
+        from torch_geometric.nn import global_mean_pool
+
+        h, e = self.node_in(batch.x), self.edge_in(batch.edge_attr)
+        for conv in self.convs:
+            h = h + conv(h, batch.edge_index, e)
+        return self.out(global_mean_pool(h, batch.batch, size=batch.num_graphs))
+
+
+#: How the quasi model is run in the ``training`` and ``inference`` sections: float32 eager,
+#: with its message-passing layers compiled (``nq.nn.compile_layers``: ``torch.compile``,
+#: ``fullgraph=True``), eager under bfloat16 autocast, or both. The plain model runs eager.
+VARIANTS = ("eager", "compiled", "amp", "compiled_amp")
+
+
+def interleaved_times(steps: dict[str, Callable[[], object]], device: torch.device,
+                      sizes: GNNSizes) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds of ``sizes.repeats`` runs of ``sizes.steps`` calls of every step, the steps
+    taking turns within each repeat (a load that varies during the run slows them alike), and
+    the seconds of each step's warm-up calls (for a compiled model: its compilation)."""
+    warm = {}
+    for name, step in steps.items():
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(sizes.warmup):
+            step()
+        synchronize(device)
+        warm[name] = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(sizes.repeats):
+        for name, step in steps.items():
+            gc.collect()
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(sizes.steps):
+                step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times, warm
+
+
 def gnn_rows(args: argparse.Namespace, section_name: str, train: bool) -> list[Row]:
-    """Graphs/s of ``QuasiGNN`` (quasi and plain) on every workload, batch and width."""
+    """Graphs/s of ``QuasiGNN`` (quasi in every variant of ``--variants``, plain eager) and
+    of the :class:`Yardstick` on every workload, batch and width, all timed in turns; each
+    row's ``ratio`` is its graphs/s over the yardstick's."""
     device, sizes = resolve_device(args.device), gnn_sizes(args)
     amp = bool(args.amp) and train
+    variants = [v for v in VARIANTS if v in args.variants]
     rows: list[Row] = []
     for key, batches in sizes.batches.items():
         label = WORKLOADS[key][0]
@@ -362,48 +429,75 @@ def gnn_rows(args: argparse.Namespace, section_name: str, train: bool) -> list[R
             edges = int(batch.num_edges)
             target = torch.randn(size, 1, device=device)
             for width in sizes.widths:
-                pair = {}
-                for quasi in (True, False):
+                runs: dict[str, dict[str, Any]] = {}
+                torch.manual_seed(0)
+                yardstick = Yardstick(batch.x.size(1), batch.edge_attr.size(1), width).to(device)
+                runs["yardstick"] = {"model": yardstick, "quasi": None, "variant": "yardstick",
+                                     "amp": False}
+                for quasi, variant in [(True, v) for v in variants] + [(False, "eager")]:
                     torch.manual_seed(0)
                     model = nq.nn.QuasiGNN(width, NUM_LAYERS, quasi=quasi,
                                            kernel_width=kernel_width).to(device)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    step = (train_step(model, batch, target, device, amp) if train
-                            else predict_step(model, batch, device))
-                    times = device_timed(step, device, sizes)
-                    syncs = count_syncs(step, device)
-                    median = statistics.median(times)
-                    graphs = size * sizes.steps
-                    name = (f"{label} b{size} w{width} {'quasi' if quasi else 'plain'}"
-                            + (" amp" if amp else ""))
-                    row = {"section": section_name, "name": name, "workload": key,
-                           "batch": size, "width": width, "layers": NUM_LAYERS,
-                           "quasi": quasi, "amp": amp, "device": str(device),
-                           "edges_per_batch": edges, "models": graphs, "seconds": median,
-                           "models_per_s": graphs / median, "graphs_per_s": graphs / median,
-                           "warmup": sizes.warmup, "steps": sizes.steps,
-                           "repeats": sizes.repeats, "times": times, "syncs_per_step": syncs,
+                    if variant.startswith("compiled"):
+                        nq.nn.compile_layers(model)
+                    runs[f"{'quasi' if quasi else 'plain'} {variant}"] = {
+                        "model": model, "quasi": quasi, "variant": variant,
+                        "amp": amp or variant.endswith("amp")}
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                steps = {name: (train_step(run["model"], batch, target, device, run["amp"])
+                                if train else predict_step(run["model"], batch, device,
+                                                           run["amp"]))
+                         for name, run in runs.items()}
+                times, warm = interleaved_times(steps, device, sizes)
+                graphs = size * sizes.steps
+                yard_rate = graphs / statistics.median(times["yardstick"])
+                made = {}
+                for name, run in runs.items():
+                    median = statistics.median(times[name])
+                    shown = "yardstick GINEConv" if name == "yardstick" else (
+                        name.removesuffix(" eager") + (" amp" if amp and run["quasi"] is not None
+                                                       else ""))
+                    row = {"section": section_name, "name": f"{label} b{size} w{width} {shown}",
+                           "workload": key, "batch": size, "width": width, "layers": NUM_LAYERS,
+                           "quasi": run["quasi"], "variant": run["variant"], "amp": run["amp"],
+                           "device": str(device), "edges_per_batch": edges, "models": graphs,
+                           "seconds": median, "models_per_s": graphs / median,
+                           "graphs_per_s": graphs / median,
+                           "yardstick_graphs_per_s": yard_rate,
+                           "ratio": graphs / median / yard_rate,
+                           "warmup": sizes.warmup, "warmup_s": warm[name], "steps": sizes.steps,
+                           "repeats": sizes.repeats, "times": times[name],
+                           "syncs_per_step": (count_syncs(steps[name], device)
+                                              if run["quasi"] is not None else None),
                            "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 2**30
                                            if device.type == "cuda" else None)}
-                    pair[quasi] = row
+                    notes = [f"ratio {row['ratio']:.3f}"]
+                    if run["variant"].startswith("compiled"):
+                        notes.append(f"warm-up incl. compile {warm[name]:.0f} s")
+                    row["note"] = notes
+                    made[name] = row
                     rows.append(row)
-                    del model, step
-                    gc.collect()
-                ratio = pair[True]["graphs_per_s"] / pair[False]["graphs_per_s"]
-                pair[True]["quasi_over_plain"] = ratio
-                notes = [f"α overhead {1 - ratio:+.1%}"]
-                if pair[True]["syncs_per_step"] is not None:
-                    notes.append(f"syncs/step {pair[True]['syncs_per_step']} quasi, "
-                                 f"{pair[False]['syncs_per_step']} plain")
-                if device.type == "cuda":  # the target is a GPU one
-                    verdict = "met" if 1 - ratio <= ALPHA_OVERHEAD_TARGET else "MISSED"
-                    notes[0] += f" (target ≤ {ALPHA_OVERHEAD_TARGET:.0%}: {verdict})"
-                notes += target_notes(pair[True], train, device)
-                pair[True]["note"] = "; ".join(notes)
-                plain_notes = target_notes(pair[False], train, device)
-                if plain_notes:
-                    pair[False]["note"] = "; ".join(plain_notes)
+                plain_row = made["plain eager"]
+                if "quasi eager" in made:
+                    quasi_row = made["quasi eager"]
+                    ratio = quasi_row["graphs_per_s"] / plain_row["graphs_per_s"]
+                    quasi_row["quasi_over_plain"] = ratio
+                    quasi_row["note"].append(f"α overhead {1 - ratio:+.1%}")
+                    if quasi_row["syncs_per_step"] is not None:
+                        quasi_row["note"].append(
+                            f"syncs/step {quasi_row['syncs_per_step']} quasi, "
+                            f"{plain_row['syncs_per_step']} plain")
+                    if device.type == "cuda":  # the target is a GPU one
+                        verdict = "met" if 1 - ratio <= ALPHA_OVERHEAD_TARGET else "MISSED"
+                        quasi_row["note"][-1] += (f" (target ≤ {ALPHA_OVERHEAD_TARGET:.0%}: "
+                                                  f"{verdict})")
+                    quasi_row["note"] += target_notes(quasi_row, train, device)
+                plain_row["note"] += target_notes(plain_row, train, device)
+                for row in made.values():
+                    row["note"] = "; ".join(row["note"])
+                del runs, steps, yardstick, model
+                gc.collect()
             del batch, target
             gc.collect()
             if device.type == "cuda":
@@ -445,12 +539,13 @@ def train_step(model: nn.Module, batch, target: torch.Tensor, device: torch.devi
     return step
 
 
-def predict_step(model: nn.Module, batch, device: torch.device) -> Callable[[], object]:
+def predict_step(model: nn.Module, batch, device: torch.device, amp: bool = False
+                 ) -> Callable[[], object]:
     """One prediction (eval mode, no autograd) of the fixed batch."""
     model.eval()
 
     def step() -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device, amp):
             return model(batch)
 
     return step
@@ -578,7 +673,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="device of the training and inference sections (default: auto, "
                              "CUDA when available); CPU uses smaller batches")
     parser.add_argument("--amp", action="store_true",
-                        help="bfloat16 autocast in the training section")
+                        help="bfloat16 autocast for every metanetwork training row")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        metavar="NAME",
+                        help="how the quasi model runs in the training and inference sections "
+                             f"(default: all of {list(VARIANTS)}); the plain model and the "
+                             "yardstick always run eager")
     parser.add_argument("--tf32", action="store_true",
                         help="CUDA: float32 matrix products in TF32 (the trainer's default, "
                              "trainer.tf32); off: full float32")
@@ -598,6 +698,7 @@ def main(argv: list[str] | None = None) -> None:
         env["gpu"] = torch.cuda.get_device_name(device)
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
+    print(f"CPU: {env['cpu']['model']}, torch threads: {env['threads']}", flush=True)
     sections = [s for s in SECTIONS if s in args.sections]  # registry order
     rows: list[Row] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -608,6 +709,8 @@ def main(argv: list[str] | None = None) -> None:
         record = {"environment": env, "quick": args.quick, "amp": args.amp, "tf32": args.tf32,
                   "sections": sections, "complete": done == len(sections), "results": rows}
         atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+    print(f"CPU: {env['cpu']['model']} ({env['cpu']['cpu_count']} cores), torch threads: "
+          f"{env['threads']}, device: {device}")
     print(table(rows))
     print(f"wrote {args.out}")
 

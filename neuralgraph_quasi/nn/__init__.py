@@ -9,6 +9,7 @@
 from ._alpha import Alpha, AlphaMap, statistics_per_node
 from ._backbone import Backbone
 from ._baselines import FlatMLP, flat_parameters
+from ._compile import compile_layers
 from ._gl_invariant import gl_invariant_view
 from ._mpnn import MPNN, EdgeMPLayer
 from ._quasi import BACKBONES, QuasiGNN
@@ -18,7 +19,7 @@ from ._stats import NUM_STATS, QUANTILES, TensorStatistics, tensor_statistics
 __all__ = ["QuasiGNN", "BACKBONES", "Backbone", "MPNN", "EdgeMPLayer", "AlphaMap", "Alpha",
            "statistics_per_node", "gl_invariant_view", "StatNN", "FlatMLP", "flat_parameters",
            "tensor_statistics", "TensorStatistics", "QUANTILES", "NUM_STATS",
-           "count_parameters"]
+           "count_parameters", "compile_layers"]
 
 
 def count_parameters(module) -> int:

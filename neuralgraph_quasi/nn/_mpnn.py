@@ -7,7 +7,13 @@ import contextlib
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
-from torch_geometric.nn.aggr import MeanAggregation, MultiAggregation, SumAggregation
+from torch_geometric.nn.aggr import (
+    MaxAggregation,
+    MeanAggregation,
+    MinAggregation,
+    MultiAggregation,
+    SumAggregation,
+)
 from torch_geometric.utils import scatter
 
 from ..graph._schema import NUM_SLOTS, Act, NodeOp, NodeType
@@ -51,6 +57,7 @@ def readout_nodes(batch) -> tuple[Tensor, Tensor]:
 
 _HALF = (torch.float16, torch.bfloat16)
 _SUMS = (SumAggregation, MeanAggregation)
+_FAST = (SumAggregation, MeanAggregation, MaxAggregation, MinAggregation)
 
 
 def exact_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,21 +78,67 @@ def no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
+class _ScatterExtremum(torch.autograd.Function):
+    """``scatter(src, index, reduce="max"|"min")`` along dim 0 (empty segments give 0) with a
+    cheaper backward than ``scatter_reduce``'s: the gradient of each segment goes to the
+    entries equal to its extremum, shared equally among ties (PyTorch's gradient, except
+    where an extremum is exactly 0: ``scatter_reduce`` then counts the zero it starts from
+    as one more tie), found by a gather and a comparison instead of a broadcast
+    ``scatter``."""
+
+    @staticmethod
+    def forward(ctx, src: Tensor, index: Tensor, dim_size: int, reduce: str) -> Tensor:
+        size = (dim_size, *src.shape[1:])
+        wide = index.view(-1, *([1] * (src.dim() - 1))).expand_as(src)
+        out = src.new_zeros(size).scatter_reduce_(0, wide, src, reduce, include_self=False)
+        ctx.save_for_backward(src, index, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        src, index, out = ctx.saved_tensors
+        hit = (src == out.index_select(0, index)).to(grad.dtype)
+        ties = torch.zeros_like(grad).index_add_(0, index, hit).clamp_(min=1)
+        return hit * (grad / ties).index_select(0, index), None, None, None
+
+
+def scatter_extremum(src: Tensor, index: Tensor, dim_size: int, reduce: str) -> Tensor:
+    """``[dim_size, ...]`` per-segment ``"amax"`` or ``"amin"`` of ``src`` (rows grouped by
+    ``index``), 0 for empty segments: PyG's ``scatter(reduce="max"|"min")`` on the CPU, with
+    a faster backward (:class:`_ScatterExtremum`)."""
+    return _ScatterExtremum.apply(src, index, dim_size, reduce)
+
+
+_EXTREMA = {MaxAggregation: "amax", MinAggregation: "amin"}
+
+
 def aggregate_exact(layer: MessagePassing, inputs: Tensor, index: Tensor,
                     ptr: Tensor | None, dim_size: int | None) -> Tensor:
     """``layer``'s aggregation, with sums and means accumulated in float32 when the messages
     are in half precision (autocast): a node with hundreds of incoming messages would lose
-    most of its bits in a bfloat16 sum. ``max``/``min`` are exact in any precision. Other
-    precisions: PyG's aggregation unchanged."""
+    most of its bits in a bfloat16 sum. ``max``/``min`` are exact in any precision and take
+    :func:`scatter_extremum` (the same values, a cheaper backward). Aggregations other than
+    sum, mean, max and min: PyG's, unchanged."""
     aggr = layer.aggr_module
-    if inputs.dtype not in _HALF:
+    half = inputs.dtype in _HALF
+    multi = isinstance(aggr, MultiAggregation)
+    parts = aggr.aggrs if multi else [aggr]
+    cat = not multi or aggr.mode == "cat"
+    if not half and not (cat and ptr is None and all(type(part) in _FAST for part in parts)):
         return MessagePassing.aggregate(layer, inputs, index, ptr, dim_size)
-    parts = aggr.aggrs if isinstance(aggr, MultiAggregation) else [aggr]
-    if isinstance(aggr, MultiAggregation) and aggr.mode != "cat":
+    if not cat:
         raise NotImplementedError(f"half-precision aggregation with mode={aggr.mode!r}")
-    wide = inputs.float()
-    outs = [part(wide if isinstance(part, _SUMS) else inputs, index, ptr=ptr,
-                 dim_size=dim_size, dim=layer.node_dim).float() for part in parts]
+    if dim_size is None:
+        dim_size = int(index.max()) + 1 if index.numel() else 0
+    wide = inputs.float() if half else inputs
+    outs = []
+    for part in parts:
+        if type(part) in _EXTREMA and ptr is None and layer.node_dim % inputs.dim() == 0:
+            out = scatter_extremum(inputs, index, dim_size, _EXTREMA[type(part)])
+        else:
+            out = part(wide if isinstance(part, _SUMS) else inputs, index, ptr=ptr,
+                       dim_size=dim_size, dim=layer.node_dim)
+        outs.append(out.float() if half else out)
     return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
 
@@ -131,6 +184,9 @@ class EdgeMPLayer(MessagePassing):
         self.node_mlp = mlp((1 + 2 * len(aggregators)) * H, H, H)
         self.edge_norm = nn.LayerNorm(H)
         self.node_norm = nn.LayerNorm(H)
+        # 1 on FiLM's γ rows (not a parameter, not saved): adds the 1 of 1 + γ to its bias
+        self.register_buffer("film_one", torch.tensor([1.0, 0.0, 1.0, 0.0]).repeat_interleave(H),
+                             persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -141,26 +197,49 @@ class EdgeMPLayer(MessagePassing):
             module.reset_parameters()
 
     def forward(self, h: Tensor, e: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
-        u, v = self.edge_nodes(h).chunk(2, dim=-1)
-        e = self.edge_updater(edge_index, u=u, v=v, e=e)
-        a, b, a_rev, b_rev = self.message_nodes(h).chunk(4, dim=-1)
-        gamma, beta, gamma_rev, beta_rev = self.film(e).chunk(4, dim=-1)
-        up = self.propagate(edge_index, a=a, b=b, gamma=gamma, beta=beta)
-        down = self.propagate(edge_index.flip(0), a=a_rev, b=b_rev, gamma=gamma_rev,
-                              beta=beta_rev)
+        # The same function as the formulas above, arranged for fewer, larger kernels:
+        # the six node maps are one matrix product, with the maps gathered at an edge's
+        # source ([U, A, B']) and at its target ([V, B, A']) side by side, so that one
+        # gather per end and one addition give U h_i + V h_j and both messages'
+        # pre-activations; FiLM's 1 + γ is folded into its bias, and a message is one
+        # fused multiply-add. Tensors are cut with split (whose backward is one cat), not
+        # slices (whose backward fills a zero tensor of the whole input per slice).
+        H, num_nodes = self.hidden_dim, h.size(0)
+        src, dst = edge_index[0], edge_index[1]
+        weight, bias = self._node_maps()
+        at_src, at_dst = nn.functional.linear(h, weight, bias).split(3 * H, dim=-1)
+        edge_pre, up_pre, down_pre = (at_src.index_select(0, src)
+                                      + at_dst.index_select(0, dst)).split(H, dim=-1)
+        hidden = nn.functional.silu(edge_pre + self.edge_self(e))
+        e = self.edge_norm(e + self.edge_out(hidden))
+        gain, shift, gain_rev, shift_rev = nn.functional.linear(
+            e, self.film.weight, self._film_bias()).split(H, dim=-1)
+        # each direction's messages contiguous and aggregated on their own: a scatter into
+        # rows in index order (targets of edges sorted by target) is the cheapest
+        up = self.aggregate(torch.addcmul(shift, nn.functional.silu(up_pre), gain), dst,
+                            dim_size=num_nodes)
+        down = self.aggregate(torch.addcmul(shift_rev, nn.functional.silu(down_pre), gain_rev),
+                              src, dim_size=num_nodes)
         h = self.node_norm(h + self.node_mlp(torch.cat([h, up, down], dim=-1)))
         return h, e
+
+    def _node_maps(self) -> tuple[Tensor, Tensor]:
+        """``[U; A; B'; V; B; A']`` and their biases: rows gathered at sources, then targets."""
+        H = self.hidden_dim
+        order = (self.edge_nodes, 0), (self.message_nodes, 0), (self.message_nodes, 3), \
+            (self.edge_nodes, 1), (self.message_nodes, 1), (self.message_nodes, 2)
+        weight = torch.cat([lin.weight[k * H:(k + 1) * H] for lin, k in order])
+        bias = torch.cat([lin.bias[k * H:(k + 1) * H] for lin, k in order])
+        return weight, bias
+
+    def _film_bias(self) -> Tensor:
+        """FiLM's bias ``[γ→; β→; γ←; β←]`` with 1 added to the γ parts: ``1 + γ`` from the
+        matrix product."""
+        return self.film.bias + self.film_one.to(self.film.bias.dtype)
 
     def aggregate(self, inputs: Tensor, index: Tensor, ptr: Tensor | None = None,
                   dim_size: int | None = None) -> Tensor:
         return aggregate_exact(self, inputs, index, ptr, dim_size)
-
-    def edge_update(self, u_j: Tensor, v_i: Tensor, e: Tensor) -> Tensor:
-        hidden = torch.nn.functional.silu(u_j + v_i + self.edge_self(e))
-        return self.edge_norm(e + self.edge_out(hidden))
-
-    def message(self, a_j: Tensor, b_i: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
-        return torch.nn.functional.silu(a_j + b_i) * (1 + gamma) + beta
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.hidden_dim}, aggr={self.aggr})"

@@ -212,7 +212,7 @@ def run(cfg: DictConfig, cli_overrides: set[str] | frozenset = frozenset()) -> d
     trainer, start_step = _train_one("model", cfg.model, cfg, task, splits, out, device, dist,
                                      config, bool(resume), progress)
     eval_bs = int(cfg.trainer.get("eval_batch_size", cfg.trainer.batch_size))
-    amp = bool(cfg.trainer.get("amp", False))
+    amp = trainer.amp  # trainer.amp resolved (auto|true|false)
     metrics: dict[str, Any] = {}
     if dist.main:
         val, _, _ = evaluate(trainer.module, task, splits["val"], device, eval_bs, amp)
@@ -248,6 +248,7 @@ def run(cfg: DictConfig, cli_overrides: set[str] | frozenset = frozenset()) -> d
         "num_params": num_trainable(trainer.module),
         "wall_time_s": time.perf_counter() - started,
         "train_time_s": trainer.train_time,
+        "amp": trainer.amp, "compiled": trainer.compile,
         "train_graphs_per_s": trainer.graphs_per_s,
         "dataset_size": sum(len(s) for s in splits.values()),
         "split_sizes": {k: len(s) for k, s in splits.items()},
