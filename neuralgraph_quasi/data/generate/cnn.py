@@ -47,7 +47,9 @@ from ._stacked import (
     ParamLayout,
     StackedOptimizer,
     ZooConfigBase,
+    check_dtype,
     check_identity,
+    compute_precision,
     resolve_device,
     run_chunks,
     torch_seed,
@@ -82,6 +84,11 @@ class CNNZooConfig(ZooConfigBase):
     (``TruncatedNormal``: cut at ±2 std), biases at zero (``b_init = zeros``); the
     L2 penalty ``l2reg * Σ kernel²`` (Keras' ``kernel_regularizer``) joins the loss.
 
+    Precision: ``dtype`` ``"float32"`` (default) or ``"bfloat16"`` (opt-in: the
+    convolutions and matrix products under ``torch.autocast``, parameters, optimizer
+    and saved weights float32; faster on CPUs with bfloat16 instructions, and the zoo
+    then depends on the CPU's kernels). Part of the zoo's identity.
+
     Execution: ``models_per_chunk`` runs trained at once (see :func:`chunk_plan`);
     ``eval_batch_size`` images per evaluation forward; ``device`` (``"auto"``:
     CUDA when available); ``threads`` (torch CPU threads, ``None``: leave as is);
@@ -113,6 +120,7 @@ class CNNZooConfig(ZooConfigBase):
     # execution
     models_per_chunk: int = 128
     eval_batch_size: int = 128
+    dtype: str = "float32"
     device: str = "auto"
     threads: int | None = None
     workers: int | None = None
@@ -120,8 +128,11 @@ class CNNZooConfig(ZooConfigBase):
     keep_shards: bool = False
     _label = "CNN"  # class attributes (no annotation): not config keys
     _RUNTIME_KEYS = ("root", "device", "progress", "threads", "workers", "keep_shards")
+    #: 2: first convolution on patches, 16-bit dropout masks, single-threaded chunks
+    _ALGORITHM = 2
 
     def __post_init__(self) -> None:
+        check_dtype(self.dtype)
         _check_subset("activations", self.activations, ACTIVATIONS)
         _check_subset("optimizers", self.optimizers, OPTIMIZERS)
         _check_subset("w_init", self.w_init, W_INITS)
@@ -389,6 +400,7 @@ def evaluate_stack(model: StackedCNN, params: dict[str, Tensor], images: Tensor,
             sub = model if rows is None else model.select(rows)
             logits = sub(_select(params, rows), own=_own_patches(every, idx))
             w = _pick(valid, rows)[:, start:stop].T.float()
+        logits = logits.float()
         hits = (logits.argmax(-1) == y).float()
         ce = F.cross_entropy(logits.permute(0, 2, 1), y, reduction="none")
         at = torch.arange(m, device=images.device) if rows is None else rows
@@ -474,7 +486,7 @@ def _train_step(model: StackedCNN, params: dict[str, Tensor], data: dict[str, Te
         every = patches(data["train_x"])
     y = data["train_y"][idx].T  # [B, m']
     net = model if rows is None else model.select(rows)
-    logits = net(sub, dropout=dropout, generator=gen, own=_own_patches(every, idx))
+    logits = net(sub, dropout=dropout, generator=gen, own=_own_patches(every, idx)).float()
     ce = F.cross_entropy(logits.permute(0, 2, 1), y, reduction="none")  # [B, m']
     loss = (ce * valid.T).sum(0) / valid.sum(1).clamp(min=1)
     loss = loss + l2 * sum(v.square().flatten(1).sum(1) for k, v in sub.items()
@@ -516,11 +528,14 @@ def train_chunk(runs: list[dict], data: dict[str, Tensor], cfg: CNNZooConfig, ch
     offsets = torch.arange(cfg.batch_size, device=device)
     records = []
 
+    precision = compute_precision(device, cfg.dtype)
+
     def record() -> None:
-        test = evaluate_stack(model, params, data["test_x"], data["test_y"],
-                              cfg.eval_batch_size)
-        train = evaluate_stack(model, params, data["train_x"], data["train_y"],
-                               cfg.eval_batch_size, subsets.own, subsets.own_valid)
+        with precision:
+            test = evaluate_stack(model, params, data["test_x"], data["test_y"],
+                                  cfg.eval_batch_size)
+            train = evaluate_stack(model, params, data["train_x"], data["train_y"],
+                                   cfg.eval_batch_size, subsets.own, subsets.own_valid)
         state = {k: v.detach() for k, v in params.items()}
         records.append((torch_to_tf(state, layout), *(t.cpu().numpy() for t in (*test, *train))))
 
@@ -534,8 +549,9 @@ def train_chunk(runs: list[dict], data: dict[str, Tensor], cfg: CNNZooConfig, ch
             position = s * cfg.batch_size + offsets
             idx = _pick(order, rows)[:, position.clamp(max=order.shape[1] - 1)]
             valid = _pick(position.unsqueeze(0) < subsets.size.unsqueeze(1), rows).float()
-            grads = _train_step(model, params, data, idx, valid, rows, _pick(l2, rows),
-                                _pick(p_drop, rows), gen)
+            with precision:
+                grads = _train_step(model, params, data, idx, valid, rows, _pick(l2, rows),
+                                    _pick(p_drop, rows), gen)
             opt.step(theta, torch.cat([g.reshape(m, -1) for g in grads], 1),
                      torch.ones(m, device=device), active)
         if epoch in cfg.steps:
