@@ -128,7 +128,8 @@ class CNNZooConfig(ZooConfigBase):
     keep_shards: bool = False
     _label = "CNN"  # class attributes (no annotation): not config keys
     _RUNTIME_KEYS = ("root", "device", "progress", "threads", "workers", "keep_shards")
-    #: 2: first convolution on patches, 16-bit dropout masks, single-threaded chunks
+    #: 2: first convolution on patches, 16-bit dropout masks, tanh as 2 sigmoid(2x) - 1,
+    #: single-threaded chunks
     _ALGORITHM = 2
 
     def __post_init__(self) -> None:
@@ -209,6 +210,15 @@ def patches(images: Tensor) -> Tensor:
     return F.unfold(images, 3, stride=2)
 
 
+def _tanh(h: Tensor) -> Tensor:
+    """``tanh(h)`` as ``2 sigmoid(2h) - 1``: within 2e-7 of ``torch.tanh`` in float32 and
+    several times faster on CPU (whose ``tanh`` kernel is slow)."""
+    s = torch.sigmoid(h * 2)
+    if torch.is_grad_enabled() and h.requires_grad:  # autograd saves the sigmoid's output
+        return s * 2 - 1
+    return s.mul_(2).sub_(1)
+
+
 class _ActDrop(torch.autograd.Function):
     """``act(h) * keep`` (``keep``: dropout's mask times its scale, or None) with a
     one-multiplication backward: the forward saves the combined gate."""
@@ -222,7 +232,7 @@ class _ActDrop(torch.autograd.Function):
             ctx.save_for_backward(gate)
             ctx.relu = True
             return h * gate
-        y = torch.tanh(h)
+        y = _tanh(h)
         ctx.save_for_backward(y, keep)
         ctx.relu = False
         return y if keep is None else y * keep
@@ -270,11 +280,11 @@ class StackedCNN:
         if not self.mixed:
             if torch.is_grad_enabled():
                 return _ActDrop.apply(h, keep, self.all_relu)
-            h = h.relu() if self.all_relu else h.tanh()
+            h = h.relu() if self.all_relu else _tanh(h)
             return h if keep is None else h.mul_(keep)
         channels = h.shape[1] // self.m
         relu = self.relu.repeat_interleave(channels).view(1, -1, 1, 1)
-        h = torch.where(relu, h.relu(), h.tanh())
+        h = torch.where(relu, h.relu(), _tanh(h))
         return h if keep is None else h * keep
 
     def _first(self, params: dict[str, Tensor], x: Tensor | None,
