@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 from ...models import TransformerClassifier
 from .._atomic import atomic_torch_save, fsync_paths
 
-__all__ = ["OPTIMIZERS", "DTYPES", "check_dtype", "compute_precision", "DIM", "HEADS", "SWEEP_KEYS", "L2_GRID", "TRAIN_FRACTION_GRID",
-           "DROPOUT_GRID", "ZooConfigBase", "check_sweep",
+__all__ = ["OPTIMIZERS", "DTYPES", "check_dtype", "compute_precision", "DIM", "HEADS",
+           "SWEEP_KEYS", "L2_GRID", "TRAIN_FRACTION_GRID", "DROPOUT_GRID", "ZooConfigBase",
+           "check_sweep",
            "sample_runs", "ParamLayout", "StackedTransformer", "StackedOptimizer", "Dropout",
            "lr_schedule", "ChunkResult", "torch_seed", "runs_tensor", "init_theta", "Batches",
            "train_stack", "plan_chunks", "chunk_rows", "read_metadata",

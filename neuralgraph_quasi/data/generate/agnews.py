@@ -108,9 +108,9 @@ class AGNewsZooConfig(ZooConfigBase):
     to the gradient (``weight_decay`` of torch's optimizers).
 
     Precision: ``dtype`` ``"float32"`` (default) or ``"bfloat16"`` (opt-in: matrix
-    products under ``torch.autocast``; parameters, optimizer and checkpoints float32;
-    faster on CPUs with bfloat16 instructions, and the zoo then depends on the CPU's
-    kernels). Part of the zoo's identity.
+    products under ``torch.autocast``; parameters, optimizer and checkpoints float32; no
+    faster on the 2-core EPYC at these matrix sizes, and the zoo then depends on the
+    CPU's kernels). Part of the zoo's identity.
 
     Execution: ``models_per_chunk`` runs trained at once (bounds memory; part of the
     zoo's identity since it sets the random streams; raise it on a GPU, e.g. 1024),
