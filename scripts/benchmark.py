@@ -208,19 +208,23 @@ AGNEWS_1000_TARGET_S = 300.0
 
 @section("zoo_generation")
 def zoo_generation(args: argparse.Namespace) -> list[Row]:
-    """Models/s of the transformer zoo generators with their defaults (CPU, threaded chunks),
-    each writing a fresh zoo of 64 runs (16 with --quick) into a temporary directory; chunks
-    are shrunk to keep every core busy. One timed run each (minutes of training)."""
-    from neuralgraph_quasi.data.generate import agnews, mnist
+    """Models/s of the zoo generators (transformers, CNN) with their defaults (CPU, threaded
+    chunks), each writing a fresh zoo of 64 runs (16 with --quick) into a temporary
+    directory; transformer chunks are shrunk to keep every core busy (the CNN generator
+    already splits its runs by activation). One timed run each (minutes of training)."""
+    from neuralgraph_quasi.data.generate import agnews, cnn, mnist
 
     count = 16 if args.quick else 64
     workers = max(1, os.cpu_count() or 1)
     rows = []
     for name, generate, config in (("AGNews generator", agnews.generate, agnews.AGNewsZooConfig),
-                                   ("MNIST generator", mnist.generate, mnist.MNISTZooConfig)):
+                                   ("MNIST generator", mnist.generate, mnist.MNISTZooConfig),
+                                   ("CNN generator", cnn.generate, cnn.CNNZooConfig)):
         # the default chunk size, or smaller so that every worker has a chunk (a full-size
         # zoo has many chunks; one 64-model chunk would leave the other cores idle)
-        chunk = min(config().models_per_chunk, -(-count // workers))
+        chunk = config().models_per_chunk
+        if generate is not cnn.generate:
+            chunk = min(chunk, -(-count // workers))
         root = Path(tempfile.mkdtemp(prefix="ngq-gen-"))
         try:
             start = time.perf_counter()

@@ -330,3 +330,23 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     atomic_save_numpy(tmp_path / "x.bin", np.arange(3))
     assert np.load(tmp_path / "x.bin").tolist() == [0, 1, 2]
+
+
+def test_dtype_is_part_of_the_identity_only_when_not_the_default(zoo):
+    spec = json.loads((zoo / "generator.json").read_text())
+    assert "dtype" not in spec["config"] and "algorithm" not in spec["config"]  # as before
+    assert AGNewsZooConfig.from_any(spec["config"]).identity() == spec["config"]
+    assert AGNewsZooConfig(dtype="bfloat16").identity()["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="differing keys: dtype"):
+        generate(root=str(zoo), **{**TINY, "dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="generator dtype must be one of"):
+        AGNewsZooConfig(dtype="half")
+
+
+def test_a_bfloat16_zoo_trains(tmp_path):
+    root = generate(root=str(tmp_path / "bf16"), **{**TINY, "num_models": 2, "dtype": "bfloat16"})
+    rows = _rows(root)
+    assert len(rows) == 2 * len(TINY["ckpt_epochs"])
+    assert all(float(r["test_loss"]) < float("inf") for r in rows)
+    state = torch.load(root / rows[-1]["ckpt_file"], weights_only=True)
+    assert all(t.dtype == torch.float32 for t in state.values())

@@ -188,3 +188,95 @@ def test_config_errors():
             cnn.CNNZooConfig(steps=steps)
     with pytest.raises(ValueError, match="image_size must be >= 15"):
         cnn.CNNZooConfig(image_size=14)
+
+
+def test_worker_threads_do_not_change_the_files(tmp_path, zoo):
+    # chunks train single-threaded, two at a time here: the same bytes as one at a time
+    tiny(tmp_path, threads=2, workers=2)
+    assert snapshot(tmp_path) == snapshot(zoo)
+
+
+def test_an_interrupted_threaded_run_resumes_to_the_same_files(tmp_path, monkeypatch, zoo):
+    real, calls = cnn._save_shard, []
+
+    def crash_on_second_shard(path, result):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        real(path, result)
+
+    monkeypatch.setattr(cnn, "_save_shard", crash_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        tiny(tmp_path, workers=2)
+    assert len(list((tmp_path / "shards").glob("chunk_*.npz"))) == 1
+    monkeypatch.setattr(cnn, "_save_shard", real)
+    tiny(tmp_path, workers=2)
+    assert snapshot(tmp_path) == snapshot(zoo)
+
+
+def test_the_algorithm_version_and_dtype_are_part_of_the_identity(tmp_path, zoo):
+    spec = json.loads((zoo / "generator.json").read_text())
+    assert spec["config"]["algorithm"] == cnn.CNNZooConfig._ALGORITHM
+    assert "dtype" not in spec["config"]  # float32, the implicit default
+    assert cnn.CNNZooConfig.from_any(spec["config"]).identity() == spec["config"]  # round trip
+    with pytest.raises(ValueError, match="differing keys: dtype"):
+        tiny(zoo, dtype="bfloat16")
+    # a zoo begun by the earlier code (no algorithm key) is not resumed by this one
+    old = tmp_path / "old"
+    old.mkdir()
+    stale = {k: v for k, v in spec["config"].items() if k != "algorithm"}
+    (old / "generator.json").write_text(json.dumps({**spec, "config": stale}))
+    with pytest.raises(ValueError, match="differing keys: algorithm"):
+        tiny(old)
+    with pytest.raises(ValueError, match="algorithm=1, but this generator implements"):
+        cnn.CNNZooConfig.from_any({**spec["config"], "algorithm": 1})
+
+
+def test_a_bfloat16_zoo_trains_and_records_its_dtype(tmp_path):
+    root = tiny(tmp_path, num_models=2, dtype="bfloat16")
+    assert json.loads((root / "generator.json").read_text())["config"]["dtype"] == "bfloat16"
+    weights = np.load(root / "weights.npy")
+    assert weights.dtype == np.float32 and np.isfinite(weights).all()
+    steps = len(TINY["steps"])
+    assert not np.array_equal(weights[0], weights[steps - 1])  # it trained
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_fused_activation_and_dropout_match_autograd(relu, dropout):
+    torch.manual_seed(0)
+    h = torch.randn(4, 6, 5, 5, dtype=torch.float64, requires_grad=True)
+    keep = (torch.rand(4, 6, 5, 5, dtype=torch.float64) > 0.3) / 0.7 if dropout else None
+    grad = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    fused = cnn._ActDrop.apply(h, keep, relu)
+    plain = h.relu() if relu else h.tanh()
+    plain = plain if keep is None else plain * keep
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0 if relu else 1e-15)
+    got, want = (torch.autograd.grad(y, h, grad)[0] for y in (fused, plain))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_tanh_matches_torch_within_float32_rounding():
+    h = torch.linspace(-12, 12, 100_001)
+    assert (cnn._tanh(h) - torch.tanh(h)).abs().max().item() < 3e-7
+    assert (cnn._tanh(h.double()) - torch.tanh(h.double())).abs().max().item() < 1e-15
+
+
+def test_dropout_masks_keep_each_models_rate_and_expectation():
+    rates = torch.tensor([0.0, 0.1, 0.3])
+    h = torch.empty(64, 3 * 16, 13, 13).contiguous(memory_format=torch.channels_last)
+    keep = cnn._keep(h, rates, torch.Generator().manual_seed(0))
+    assert keep.is_contiguous(memory_format=torch.channels_last)  # laid out like h
+    keep = keep.view(64, 3, 16, 13, 13)
+    for m, p in enumerate(rates.tolist()):
+        kept = keep[:, m] > 0
+        assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.005)
+        scale = keep[:, m][kept]
+        assert torch.allclose(scale, torch.full_like(scale, 1 / (1 - p)), rtol=1e-4)
+        assert keep[:, m].mean().item() == pytest.approx(1.0, abs=0.01)  # E[mask·scale] = 1
+
+
+def test_config_rejects_an_unknown_dtype():
+    with pytest.raises(ValueError, match=r"generator dtype must be one of \('float32', "
+                                         r"'bfloat16'\), got 'float16'"):
+        cnn.CNNZooConfig(dtype="float16")

@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 from ...models import TransformerClassifier
 from .._atomic import atomic_torch_save, fsync_paths
 
-__all__ = ["OPTIMIZERS", "DIM", "HEADS", "SWEEP_KEYS", "L2_GRID", "TRAIN_FRACTION_GRID",
-           "DROPOUT_GRID", "ZooConfigBase", "check_sweep",
+__all__ = ["OPTIMIZERS", "DTYPES", "check_dtype", "compute_precision", "DIM", "HEADS",
+           "SWEEP_KEYS", "L2_GRID", "TRAIN_FRACTION_GRID", "DROPOUT_GRID", "ZooConfigBase",
+           "check_sweep",
            "sample_runs", "ParamLayout", "StackedTransformer", "StackedOptimizer", "Dropout",
            "lr_schedule", "ChunkResult", "torch_seed", "runs_tensor", "init_theta", "Batches",
            "train_stack", "plan_chunks", "chunk_rows", "read_metadata",
@@ -59,12 +60,19 @@ DROPOUT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2)
 class ZooConfigBase:
     """Mixin of the generator configs (dataclasses): construction from anything, identity.
 
-    Subclasses set ``_label`` (for error messages) and ``_RUNTIME_KEYS`` (keys that may
-    change between runs of one zoo and are not part of its identity).
+    Subclasses set ``_label`` (for error messages), ``_RUNTIME_KEYS`` (keys that may
+    change between runs of one zoo and are not part of its identity) and ``_ALGORITHM``
+    (the version of the training code; ``None``: the original one). A version is part
+    of the identity as the key ``algorithm``: a zoo begun by another version of the
+    code (whose files would differ) is not resumed with this one.
     """
 
     _label: ClassVar[str] = "zoo"
     _RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ("root", "device", "workers", "progress")
+    _ALGORITHM: ClassVar[int | None] = None
+    #: Keys left out of the identity at these values (added later, with the earlier
+    #: behaviour as default: a zoo written before they existed keeps its identity).
+    _IMPLICIT: ClassVar[dict[str, Any]] = {"dtype": "float32"}
 
     @classmethod
     def from_any(cls, cfg: Any = None, **overrides):
@@ -78,6 +86,11 @@ class ZooConfigBase:
                 cfg = OmegaConf.to_container(cfg, resolve=True)
             data = dict(cfg or {})
         data.update(overrides)
+        if "algorithm" in data:  # e.g. a config read back from generator.json
+            algorithm = data.pop("algorithm")
+            if algorithm != cls._ALGORITHM:
+                raise ValueError(f"{cls._label} zoo config has algorithm={algorithm!r}, but "
+                                 f"this generator implements algorithm={cls._ALGORITHM!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -87,8 +100,28 @@ class ZooConfigBase:
 
     def identity(self) -> dict:
         """The keys that define the zoo's contents, JSON-normalised (tuples become lists)."""
-        data = {k: v for k, v in asdict(self).items() if k not in self._RUNTIME_KEYS}
+        data = {k: v for k, v in asdict(self).items() if k not in self._RUNTIME_KEYS
+                and (k not in self._IMPLICIT or v != self._IMPLICIT[k])}
+        if self._ALGORITHM is not None:
+            data["algorithm"] = self._ALGORITHM
         return json.loads(json.dumps(data))
+
+
+#: ``generator.dtype`` values: the precision of the matrix products and convolutions.
+DTYPES = ("float32", "bfloat16")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"generator dtype must be one of {DTYPES}, got {dtype!r}")
+
+
+def compute_precision(device: torch.device, dtype: str = "float32"):
+    """The context the training and evaluation forwards run in: ``"float32"`` (default)
+    as is; ``"bfloat16"`` (opt-in) under ``torch.autocast`` (matrix products and
+    convolutions in bfloat16, parameters, optimizer state and saved weights float32)."""
+    check_dtype(dtype)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def _freeze(value):
@@ -441,6 +474,7 @@ def train_stack(runs: list[dict], layout: ParamLayout, forward: Forward, evaluat
     if any(r["dropout"] > 0 for r in runs):
         dropout = Dropout.from_rates(runs_tensor(runs, "dropout", device), gen)
     train_y = train_labels.to(device)
+    precision = compute_precision(device, getattr(cfg, "dtype", "float32"))
     batches = Batches(runs, train_y.shape[0], cfg.batch_size, gen, device)
     total, max_steps = batches.steps * cfg.epochs, int(batches.steps.max())
 
@@ -451,8 +485,10 @@ def train_stack(runs: list[dict], layout: ParamLayout, forward: Forward, evaluat
         for step in range(max_steps):
             active = step < batches.steps
             idx = batches.batch(order, step)  # [M, B]
-            logits = forward(params, idx, dropout)
-            losses = F.cross_entropy(logits.transpose(1, 2), train_y[idx], reduction="none")
+            with precision:
+                logits = forward(params, idx, dropout)
+            losses = F.cross_entropy(logits.float().transpose(1, 2), train_y[idx],
+                                     reduction="none")
             losses = losses.mean(1)  # [M]
             grads = torch.autograd.grad(losses.sum(), list(params.values()))
             opt.step(theta, torch.cat([g.reshape(m, -1) for g in grads], 1),
@@ -461,7 +497,7 @@ def train_stack(runs: list[dict], layout: ParamLayout, forward: Forward, evaluat
             if on_step is not None:
                 on_step(m / (cfg.epochs * max_steps))
         if epoch in cfg.ckpt_epochs:
-            with torch.no_grad():
+            with torch.no_grad(), precision:
                 correct, test_loss = evaluate(params)
             result.weights[epoch] = theta.detach().to("cpu", copy=True)
             result.correct[epoch] = correct.cpu()
@@ -480,7 +516,7 @@ def evaluate_logits(logits_of: Callable[[int, int], Tensor], labels: Tensor,
     correct, loss = 0, 0.0
     for start in range(0, labels.shape[0], batch_size):
         y = labels[start: start + batch_size]
-        logits = logits_of(start, start + batch_size)  # [M, B, C]
+        logits = logits_of(start, start + batch_size).float()  # [M, B, C]
         correct = correct + (logits.argmax(-1) == y).sum(1)
         loss = loss + F.cross_entropy(logits.transpose(1, 2), y.expand(logits.shape[0], -1),
                                       reduction="none").sum(1)

@@ -45,6 +45,7 @@ from ._stacked import (
     StackedOptimizer,
     StackedTransformer,
     ZooConfigBase,
+    check_dtype,
     check_identity,
     check_sweep,
     chunk_rows,
@@ -106,6 +107,11 @@ class AGNewsZooConfig(ZooConfigBase):
     from each grid). Weights start trunc-normal (+-2 std), biases at zero; L2 is added
     to the gradient (``weight_decay`` of torch's optimizers).
 
+    Precision: ``dtype`` ``"float32"`` (default) or ``"bfloat16"`` (opt-in: matrix
+    products under ``torch.autocast``; parameters, optimizer and checkpoints float32; no
+    faster on the 2-core EPYC at these matrix sizes, and the zoo then depends on the
+    CPU's kernels). Part of the zoo's identity.
+
     Execution: ``models_per_chunk`` runs trained at once (bounds memory; part of the
     zoo's identity since it sets the random streams; raise it on a GPU, e.g. 1024),
     ``eval_batch_size`` test documents per forward, ``device`` (``"auto"``: CUDA when
@@ -154,6 +160,7 @@ class AGNewsZooConfig(ZooConfigBase):
     # execution
     models_per_chunk: int = 64
     eval_batch_size: int = 50
+    dtype: str = "float32"
     device: str = "auto"
     workers: int | None = None
     progress: bool = True
@@ -162,6 +169,7 @@ class AGNewsZooConfig(ZooConfigBase):
 
     def __post_init__(self) -> None:
         check_sweep(self)
+        check_dtype(self.dtype)
 
 
 # ----------------------------------------------------------------------------- training

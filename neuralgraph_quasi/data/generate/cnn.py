@@ -38,7 +38,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .._atomic import atomic_open, atomic_write_csv, atomic_write_json
 from ..cnn_zoo import METRICS_COLUMNS, CNNLayout, small_cnn, standard_layout, torch_to_tf
@@ -48,8 +47,11 @@ from ._stacked import (
     ParamLayout,
     StackedOptimizer,
     ZooConfigBase,
+    check_dtype,
     check_identity,
+    compute_precision,
     resolve_device,
+    run_chunks,
     torch_seed,
 )
 
@@ -59,7 +61,6 @@ __all__ = ["CNNZooConfig", "generate", "sample_runs", "StackedCNN", "train_chunk
 ACTIVATIONS = ("relu", "tanh")
 W_INITS = ("RandomNormal", "TruncatedNormal")
 _FORMAT_VERSION = 1
-_BAR = "{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
 
 
 # ----------------------------------------------------------------------------- config
@@ -83,12 +84,19 @@ class CNNZooConfig(ZooConfigBase):
     (``TruncatedNormal``: cut at ±2 std), biases at zero (``b_init = zeros``); the
     L2 penalty ``l2reg * Σ kernel²`` (Keras' ``kernel_regularizer``) joins the loss.
 
+    Precision: ``dtype`` ``"float32"`` (default) or ``"bfloat16"`` (opt-in: the
+    convolutions and matrix products under ``torch.autocast``, parameters, optimizer
+    and saved weights float32; faster on CPUs with bfloat16 instructions, and the zoo
+    then depends on the CPU's kernels). Part of the zoo's identity.
+
     Execution: ``models_per_chunk`` runs trained at once (see :func:`chunk_plan`);
     ``eval_batch_size`` images per evaluation forward; ``device`` (``"auto"``:
     CUDA when available); ``threads`` (torch CPU threads, ``None``: leave as is);
     ``progress`` (tqdm bar); ``keep_shards`` (keep ``shards/`` after assembly).
-    ``root``, ``device``, ``threads``, ``progress`` and ``keep_shards`` may change
-    between runs of one zoo; any other key must match ``root/generator.json``.
+    ``workers`` (CPU only: chunks trained concurrently in threads, each with one
+    intra-op thread; ``None``: the thread count; the files do not depend on it).
+    ``root``, ``device``, ``threads``, ``workers``, ``progress`` and ``keep_shards`` may
+    change between runs of one zoo; any other key must match ``root/generator.json``.
     """
 
     root: str = "data/cnn_zoo"
@@ -112,14 +120,20 @@ class CNNZooConfig(ZooConfigBase):
     # execution
     models_per_chunk: int = 128
     eval_batch_size: int = 128
+    dtype: str = "float32"
     device: str = "auto"
     threads: int | None = None
+    workers: int | None = None
     progress: bool = True
     keep_shards: bool = False
     _label = "CNN"  # class attributes (no annotation): not config keys
-    _RUNTIME_KEYS = ("root", "device", "progress", "threads", "keep_shards")
+    _RUNTIME_KEYS = ("root", "device", "progress", "threads", "workers", "keep_shards")
+    #: 2: first convolution on patches, 16-bit dropout masks, tanh as 2 sigmoid(2x) - 1,
+    #: single-threaded chunks
+    _ALGORITHM = 2
 
     def __post_init__(self) -> None:
+        check_dtype(self.dtype)
         _check_subset("activations", self.activations, ACTIVATIONS)
         _check_subset("optimizers", self.optimizers, OPTIMIZERS)
         _check_subset("w_init", self.w_init, W_INITS)
@@ -190,17 +204,66 @@ def chunk_plan(runs: list[dict], size: int) -> list[list[dict]]:
 
 # ----------------------------------------------------------------------------- stacked model
 
+def patches(images: Tensor) -> Tensor:
+    """The 3×3 stride-2 patches of ``images [N, C, H, W]``: ``[N, C*9, L]`` (``L`` output
+    positions, row-major), the first convolution's input as a matrix product."""
+    return F.unfold(images, 3, stride=2)
+
+
+def _tanh(h: Tensor) -> Tensor:
+    """``tanh(h)`` as ``2 sigmoid(2h) - 1``: within 2e-7 of ``torch.tanh`` in float32 and
+    several times faster on CPU (whose ``tanh`` kernel is slow)."""
+    s = torch.sigmoid(h * 2)
+    if torch.is_grad_enabled() and h.requires_grad:  # autograd saves the sigmoid's output
+        return s * 2 - 1
+    return s.mul_(2).sub_(1)
+
+
+class _ActDrop(torch.autograd.Function):
+    """``act(h) * keep`` (``keep``: dropout's mask times its scale, or None) with a
+    one-multiplication backward: the forward saves the combined gate."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, keep: Tensor | None, relu: bool) -> Tensor:  # noqa: D102
+        if relu:
+            gate = (h > 0).to(h.dtype)
+            if keep is not None:
+                gate.mul_(keep)
+            ctx.save_for_backward(gate)
+            ctx.relu = True
+            return h * gate
+        y = _tanh(h)
+        ctx.save_for_backward(y, keep)
+        ctx.relu = False
+        return y if keep is None else y * keep
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        if ctx.relu:
+            (gate,) = ctx.saved_tensors
+            return grad * gate, None, None
+        y, keep = ctx.saved_tensors
+        local = 1 - y * y
+        if keep is not None:
+            local.mul_(keep)
+        return grad * local, None, None
+
+
 class StackedCNN:
     """The forward of ``M`` :func:`small_cnn` s at once, each on its own images.
 
-    Each conv is one grouped convolution: the model axis folds into the channels
-    (``[B, M*C, H, W]``, ``groups=M``), channels-last for the CPU's fast kernels.
-    ``relu`` is a bool ``[M]`` (True: ReLU, False: tanh). Dropout (train only) acts
-    after every conv activation with a rate per model.
+    The first convolution is a batched matrix product over the model axis on the images'
+    3×3 patches (:func:`patches`; one plain matrix product when all models share the
+    images); the second and third are grouped convolutions (the model axis folded into
+    the channels, ``[B, M*C, H, W]``, ``groups=M``), channels-last for the CPU's fast
+    kernels. ``relu`` is a bool ``[M]`` (True: ReLU, False: tanh). Dropout (train only)
+    acts after every conv activation with a rate per model (rounded to a multiple of
+    ``2**-16``; 16 random bits per unit).
 
     Shapes:
         params: ``{name: [M, *shape]}``; x: ``[B, M, C, H, W]`` (own images per model) or
-        ``[B, C, H, W]`` (shared) -> logits ``[B, M, 10]``.
+        ``[B, C, H, W]`` (shared) -> logits ``[B, M, 10]``. Instead of ``x``, ``own``
+        may give each model's patches: ``[M, C*9, B, L]`` (see :func:`patches`).
     """
 
     def __init__(self, relu: Tensor) -> None:
@@ -213,36 +276,78 @@ class StackedCNN:
         """The stack of the models ``rows`` (a long index ``[m]``)."""
         return StackedCNN(self.relu[rows])
 
-    def _activate(self, h: Tensor) -> Tensor:
+    def _activate(self, h: Tensor, keep: Tensor | None) -> Tensor:
         if not self.mixed:
-            return h.relu() if self.all_relu else h.tanh()
+            if torch.is_grad_enabled():
+                return _ActDrop.apply(h, keep, self.all_relu)
+            h = h.relu() if self.all_relu else _tanh(h)
+            return h if keep is None else h.mul_(keep)
         channels = h.shape[1] // self.m
         relu = self.relu.repeat_interleave(channels).view(1, -1, 1, 1)
-        return torch.where(relu, h.relu(), h.tanh())
+        h = torch.where(relu, h.relu(), _tanh(h))
+        return h if keep is None else h * keep
 
-    def __call__(self, params: dict[str, Tensor], x: Tensor, dropout: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+    def _first(self, params: dict[str, Tensor], x: Tensor | None,
+               own: Tensor | None) -> Tensor:
+        """The first convolution's pre-activation, ``[B, M*16, H', W']`` channels-last."""
         m = self.m
-        if x.dim() == 4:
-            x = x.unsqueeze(1).expand(x.shape[0], m, *x.shape[1:])
-        b = x.shape[0]
-        h = x.reshape(b, -1, *x.shape[3:]).contiguous(memory_format=torch.channels_last)
-        for key in ("0", "2", "4"):
+        w, bias = params["0.weight"], params["0.bias"]  # [M, 16, C, 3, 3], [M, 16]
+        if x is not None and x.dim() == 4:  # shared images: one matrix product
+            b, side = x.shape[0], math.isqrt(_positions(x.shape[-1]))
+            shared = patches(x).transpose(1, 2)  # [B, L, C*9]
+            h = torch.addmm(bias.reshape(-1), shared.reshape(-1, shared.shape[-1]),
+                            w.reshape(m * w.shape[1], -1).T)  # [B*L, M*16]
+            return h.view(b, side, side, -1).permute(0, 3, 1, 2)  # channels-last
+        if own is None:  # [B, M, C, H, W] -> [M, C*9, B, L]
+            b = x.shape[0]
+            own = patches(x.reshape(-1, *x.shape[2:])).view(b, m, -1, _positions(x.shape[-1])
+                                                            ).permute(1, 2, 0, 3)
+        _, k, b, positions = own.shape
+        side = math.isqrt(positions)
+        h = torch.baddbmm(bias.unsqueeze(2), w.reshape(m, -1, k), own.reshape(m, k, b * positions))
+        # [M, 16, B, H', W'] -> [B, M*16, H', W'] in channels-last memory (B, H', W', M*16)
+        h = h.view(m, -1, b, side, side).permute(2, 0, 1, 3, 4).reshape(b, -1, side, side)
+        return h.contiguous(memory_format=torch.channels_last)
+
+    def __call__(self, params: dict[str, Tensor], x: Tensor | None = None,
+                 dropout: Tensor | None = None, generator: torch.Generator | None = None,
+                 own: Tensor | None = None) -> Tensor:
+        m = self.m
+        h = self._first(params, x, own)
+        b = h.shape[0]
+        h = self._activate(h, _keep(h, dropout, generator))
+        for key in ("2", "4"):
             w = params[f"{key}.weight"]
             w = w.reshape(-1, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
             h = F.conv2d(h, w, params[f"{key}.bias"].reshape(-1), stride=2, groups=m)
-            h = _dropout(self._activate(h), dropout, generator)
+            h = self._activate(h, _keep(h, dropout, generator))
         pooled = h.mean((2, 3)).view(b, m, -1)
         return torch.einsum("bmi,moi->bmo", pooled, params["8.weight"]) + params["8.bias"]
 
 
-def _dropout(h: Tensor, p: Tensor | None, generator: torch.Generator | None) -> Tensor:
-    """Inverted dropout, rate ``p [M]`` per model, on ``h [B, M*C, H, W]`` (None: off)."""
+def _positions(side: int) -> int:
+    """Output positions of a 3×3 stride-2 convolution on a ``side``-pixel square."""
+    return ((side - 3) // 2 + 1) ** 2
+
+
+def _keep(h: Tensor, p: Tensor | None, generator: torch.Generator | None) -> Tensor | None:
+    """Inverted dropout's ``mask / (1 - p)`` for ``h [B, M*C, H, W]`` (channels-last),
+    rate ``p [M]`` per model rounded to a multiple of ``2**-16`` (None: no dropout).
+
+    Sixteen random bits per unit (four per 64-bit draw), laid out like ``h``."""
     if p is None:
-        return h
-    rate = p.repeat_interleave(h.shape[1] // p.numel()).view(1, -1, 1, 1)
-    keep = torch.empty_like(h).uniform_(generator=generator) >= rate
-    return h * keep / (1.0 - rate)
+        return None
+    b, channels, height, width = h.shape
+    dropped = torch.round(p.double() * 65536)
+    per_channel = channels // p.numel()
+    threshold = (dropped - 32768).to(torch.int16).repeat_interleave(per_channel)
+    scale = (65536 / (65536 - dropped)).to(h.dtype).repeat_interleave(per_channel)
+    n = h.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=h.device)
+    bits = bits.random_(-(2**63), 2**63 - 1, generator=generator)
+    bits = bits.view(torch.int16)[:n].view(b, height, width, channels)
+    keep = (bits >= threshold).to(h.dtype).mul_(scale)  # [B, H, W, M*C]
+    return keep.permute(0, 3, 1, 2)  # channels-last, like h
 
 
 # ----------------------------------------------------------------------------- training
@@ -262,6 +367,16 @@ def _active_rows(active: Tensor) -> Tensor | None:
     return None if bool(active.all()) else active.nonzero().squeeze(1)
 
 
+#: Images × models per evaluation forward (bounds the activations' size).
+_EVAL_UNITS = 1024
+
+
+def _own_patches(patches_of: Tensor, idx: Tensor) -> Tensor:
+    """Each model's patches ``[m, C*9, b, L]`` of the images ``idx [m, b]``, from the
+    patches of all images ``patches_of [N, C*9, L]`` (see :func:`patches`)."""
+    return patches_of[idx].transpose(1, 2)
+
+
 @torch.no_grad()
 def evaluate_stack(model: StackedCNN, params: dict[str, Tensor], images: Tensor, labels: Tensor,
                    batch_size: int, index: Tensor | None = None,
@@ -277,19 +392,25 @@ def evaluate_stack(model: StackedCNN, params: dict[str, Tensor], images: Tensor,
     n = images.shape[0] if index is None else index.shape[1]
     correct, loss, count = (torch.zeros(m, dtype=torch.float64, device=images.device)
                             for _ in range(3))
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
+    every = None if index is None else patches(images)  # [N, C*9, L], once
+    # at most ~_EVAL_UNITS images × models per forward (cache-sized activations); the
+    # per-image results do not depend on the split
+    step = max(1, min(batch_size, _EVAL_UNITS // m))
+    for start in range(0, n, step):
+        stop = min(start + step, n)
         if index is None:
             rows = None
-            x, y = images[start:stop], labels[start:stop].unsqueeze(1).expand(-1, m)
+            y = labels[start:stop].unsqueeze(1).expand(-1, m)
+            logits = model(params, images[start:stop])  # [b, M, K]
             w = torch.ones_like(y, dtype=torch.float32)
         else:
             rows = _active_rows(valid[:, start])
             idx = _pick(index, rows)[:, start:stop]
-            x, y = images[idx].transpose(0, 1), labels[idx].T  # [b, m', ...], [b, m']
+            y = labels[idx].T  # [b, m']
+            sub = model if rows is None else model.select(rows)
+            logits = sub(_select(params, rows), own=_own_patches(every, idx))
             w = _pick(valid, rows)[:, start:stop].T.float()
-        sub = model if rows is None else model.select(rows)
-        logits = sub(_select(params, rows), x)  # [b, m', K]
+        logits = logits.float()
         hits = (logits.argmax(-1) == y).float()
         ce = F.cross_entropy(logits.permute(0, 2, 1), y, reduction="none")
         at = torch.arange(m, device=images.device) if rows is None else rows
@@ -361,15 +482,21 @@ class _Subsets:
 
 def _train_step(model: StackedCNN, params: dict[str, Tensor], data: dict[str, Tensor],
                 idx: Tensor, valid: Tensor, rows: Tensor | None, l2: Tensor,
-                dropout: Tensor | None, gen: torch.Generator) -> list[Tensor]:
+                dropout: Tensor | None, gen: torch.Generator | None) -> list[Tensor]:
     """Gradients (w.r.t. every model's parameters, zero for models not in ``rows``) of
     the mean cross-entropy on each model's batch plus ``l2 * Σ kernel²``.
 
     Shapes: ``idx [m', B]`` image indices and ``valid [m', B]`` of the models ``rows``.
+    ``data`` holds ``train_x [N, C, H, W]``, ``train_y [N]`` and optionally
+    ``train_patches`` (:func:`patches` of ``train_x``, computed here when absent).
     """
     sub = _select(params, rows)
-    x, y = data["train_x"][idx].transpose(0, 1), data["train_y"][idx].T  # [B, m', ...]
-    logits = (model if rows is None else model.select(rows))(sub, x, dropout, gen)
+    every = data.get("train_patches")
+    if every is None:
+        every = patches(data["train_x"])
+    y = data["train_y"][idx].T  # [B, m']
+    net = model if rows is None else model.select(rows)
+    logits = net(sub, dropout=dropout, generator=gen, own=_own_patches(every, idx)).float()
     ce = F.cross_entropy(logits.permute(0, 2, 1), y, reduction="none")  # [B, m']
     loss = (ce * valid.T).sum(0) / valid.sum(1).clamp(min=1)
     loss = loss + l2 * sum(v.square().flatten(1).sum(1) for k, v in sub.items()
@@ -406,15 +533,19 @@ def train_chunk(runs: list[dict], data: dict[str, Tensor], cfg: CNNZooConfig, ch
     l2, p_drop = col("l2reg"), col("dropout")
     p_drop = p_drop if bool((p_drop > 0).any()) else None
     subsets = _Subsets.draw(col("train_fraction"), data["train_x"].shape[0], gen)
+    data = {**data, "train_patches": patches(data["train_x"])}
     steps_own = (subsets.size + cfg.batch_size - 1) // cfg.batch_size
     offsets = torch.arange(cfg.batch_size, device=device)
     records = []
 
+    precision = compute_precision(device, cfg.dtype)
+
     def record() -> None:
-        test = evaluate_stack(model, params, data["test_x"], data["test_y"],
-                              cfg.eval_batch_size)
-        train = evaluate_stack(model, params, data["train_x"], data["train_y"],
-                               cfg.eval_batch_size, subsets.own, subsets.own_valid)
+        with precision:
+            test = evaluate_stack(model, params, data["test_x"], data["test_y"],
+                                  cfg.eval_batch_size)
+            train = evaluate_stack(model, params, data["train_x"], data["train_y"],
+                                   cfg.eval_batch_size, subsets.own, subsets.own_valid)
         state = {k: v.detach() for k, v in params.items()}
         records.append((torch_to_tf(state, layout), *(t.cpu().numpy() for t in (*test, *train))))
 
@@ -428,8 +559,9 @@ def train_chunk(runs: list[dict], data: dict[str, Tensor], cfg: CNNZooConfig, ch
             position = s * cfg.batch_size + offsets
             idx = _pick(order, rows)[:, position.clamp(max=order.shape[1] - 1)]
             valid = _pick(position.unsqueeze(0) < subsets.size.unsqueeze(1), rows).float()
-            grads = _train_step(model, params, data, idx, valid, rows, _pick(l2, rows),
-                                _pick(p_drop, rows), gen)
+            with precision:
+                grads = _train_step(model, params, data, idx, valid, rows, _pick(l2, rows),
+                                    _pick(p_drop, rows), gen)
             opt.step(theta, torch.cat([g.reshape(m, -1) for g in grads], 1),
                      torch.ones(m, device=device), active)
         if epoch in cfg.steps:
@@ -542,21 +674,19 @@ def _load_data(cfg: CNNZooConfig, device: torch.device) -> dict[str, Tensor]:
 
 def _train_chunks(root: Path, cfg: CNNZooConfig, chunks: list[list[dict]], todo: list[int],
                   layout: CNNLayout) -> None:
-    """Train the chunks ``todo``, saving each one's shard as soon as it is done."""
+    """Train the chunks ``todo`` (on CPU ``workers`` at a time, each single-threaded),
+    saving each one's shard as soon as it is done."""
     device = resolve_device(cfg.device)
     data = _load_data(cfg, device)
-    done = cfg.num_models - sum(len(chunks[c]) for c in todo)
-    with tqdm(total=cfg.num_models, initial=done, unit="model", desc="CNN zoo",
-              disable=not cfg.progress, smoothing=0.0, bar_format=_BAR) as bar:
-        for c in todo:
-            def advance(epoch: int, base: int = done, size: int = len(chunks[c])) -> None:
-                bar.n = base + size * epoch / max(cfg.epochs, 1)  # fractional: per epoch
-                bar.refresh()
 
-            result = train_chunk(chunks[c], data, cfg, c, layout, device, on_epoch=advance)
-            done += len(chunks[c])
-            advance(cfg.epochs)
-            _save_shard(_shard_path(root, c), result)
+    def train(c: int, on_step: Callable[[float], None]) -> ChunkResult:
+        per_epoch = len(chunks[c]) / max(cfg.epochs, 1)
+        return train_chunk(chunks[c], data, cfg, c, layout, device,
+                           on_epoch=lambda epoch: on_step(per_epoch))
+
+    run_chunks(chunks, todo, train, lambda c, result: _save_shard(_shard_path(root, c), result),
+               num_models=cfg.num_models, device=device, workers=cfg.workers,
+               progress=cfg.progress, desc="CNN zoo")
 
 
 def generate(cfg: CNNZooConfig | Mapping | None = None, **overrides) -> Path:
@@ -570,10 +700,11 @@ def generate(cfg: CNNZooConfig | Mapping | None = None, **overrides) -> Path:
     are done, ``layout.csv``, ``weights.npy`` and finally ``metrics.csv`` are written
     atomically and the shards removed. A restarted run trains only the chunks without
     a shard; a complete zoo is left alone; a different config (other than the runtime
-    keys ``root``, ``device``, ``threads``, ``progress``, ``keep_shards``) in an
-    existing root raises ``ValueError`` naming the differing keys. The same config
-    gives byte-identical files on the same machine, device and thread count (CUDA
-    kernels need not be deterministic).
+    keys ``root``, ``device``, ``threads``, ``workers``, ``progress``, ``keep_shards``)
+    in an existing root raises ``ValueError`` naming the differing keys. On CPU every
+    chunk trains single-threaded (``workers`` of them at a time), so the same config
+    gives byte-identical files on the same machine whatever ``threads`` and ``workers``
+    (CUDA kernels need not be deterministic).
     """
     cfg = CNNZooConfig.from_any(cfg, **overrides)
     root = Path(cfg.root)
